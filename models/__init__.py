@@ -1,0 +1,14 @@
+from .base_cnn import FEATURES, BaseCNN
+from .transfer_net import TransferNet
+from .operations import OPS, OP_NAMES
+from .genotypes import (
+    Genotype,
+    edges,
+    sample_distinct,
+    sample_genotype,
+    space_size,
+    standard_space,
+    task_aware_space,
+)
+from .network import FuseMixture, SearchNetwork, build_network, count_parameters
+from .baselines import BASELINES, build_baseline

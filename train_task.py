@@ -1,0 +1,97 @@
+"""Step 1: train the paper's base CNN on every task (the dictionary and the targets).
+
+python train_task.py [--NAME=value ...]; every constant below can be overridden that way.
+Writes CKPT_DIR/tasks/<task>.pt (weights, config, metrics, data fingerprint) and
+CKPT_DIR/tasks/summary.csv.
+"""
+import time
+from dataclasses import asdict
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+import utils
+from models import BaseCNN
+
+PRESET = "quick"        # smoke | quick | paper (utils.PRESETS); a preset overrides the constants below
+DATA_DIR = "data"       # full CSVs here; without them the bundled sample in data/sample is used
+CKPT_DIR = "checkpoints"
+DEVICE = "auto"         # auto = cuda, then mps, then cpu
+SEED = 0                # seeds the split and the networks (the released code: torch.manual_seed(0))
+DOWNLOAD = False        # fetch missing datasets into DATA_DIR (needs internet)
+TASKS = utils.DICTIONARY + [utils.HELD_OUT_TARGET]  # names from utils.TASK_REGISTRY
+VAL_FRACTION = 0.1      # share of each class's training images held out for validation
+TRAIN_LIMIT = 0         # train on at most this many images (0 = the whole training split)
+EVAL_LIMIT = 0          # evaluate on at most this many validation / test images (0 = all)
+EPOCHS = 1              # paper: 1
+BATCH_SIZE = 64         # paper: 64
+LR = 1e-3               # paper: Adam, lr 1e-3
+EVAL_BATCH = 1000       # images per forward pass when evaluating (speed only)
+
+
+def train_network(data, cfg, device):
+    """Train a BaseCNN on one task; returns it with its validation and test metrics."""
+    utils.set_seed(cfg.SEED + data.task.seed)
+    model = BaseCNN(data.task.num_classes).to(device)
+    optimizer = utils.adam(model.parameters(), cfg.LR, device)
+    generator = torch.Generator().manual_seed(cfg.SEED + data.task.seed)
+    losses = []
+    with tqdm(total=cfg.EPOCHS * len(data.train.x), desc=data.name, unit="img",
+              leave=False, mininterval=1) as bar:
+        for _ in range(cfg.EPOCHS):
+            losses.append(utils.train_epoch(model, optimizer, data.train.x, data.train.y,
+                                            cfg.BATCH_SIZE, generator, device, progress=bar))
+    metrics = {"train_loss": losses[-1]}
+    for split in ("val", "test"):
+        part = getattr(data, split)
+        scores = utils.classification_metrics(utils.predict(model, part.x, cfg.EVAL_BATCH), part.y)
+        metrics.update({f"{split}_{k}": v for k, v in scores.items()})
+    return model, metrics
+
+
+def checkpoint_path(ckpt_dir, task):
+    return f"{ckpt_dir}/tasks/{task}.pt"
+
+
+def main(argv=None):
+    cfg = utils.configure(globals(), argv)
+    device = utils.get_device(cfg.DEVICE)
+    log = utils.start_run("train_task", cfg, device)
+    config = utils.result_config(cfg)
+    rows = []
+    for name in cfg.TASKS:
+        data = utils.load_task(name, cfg, log)
+        path = checkpoint_path(cfg.CKPT_DIR, name)
+        old = utils.load_checkpoint(path)
+        if old and old["config"] == config and old["data_fingerprint"] == data.fingerprint:
+            log.info("%s: finished earlier with the same config and data, skipped", name)
+            rows.append({"task": name, **old["metrics"], "seconds": old["seconds"], "status": "skipped"})
+            continue
+        if old:
+            changed = sorted(k for k in config if old["config"].get(k) != config[k])
+            log.info("%s: checkpoint made with other %s, retraining", name,
+                     ", ".join(changed) if changed else "data")
+        start = time.perf_counter()
+        model, metrics = train_network(data, cfg, device)
+        seconds = time.perf_counter() - start
+        utils.save_checkpoint({
+            "task": name, "task_spec": asdict(data.task),
+            "num_classes": data.task.num_classes,
+            "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+            "config": config, "metrics": metrics, "data_fingerprint": data.fingerprint,
+            "environment": utils.environment(device), "seconds": seconds}, path)
+        log.info("%s: %d train images, test error %.2f %% (balanced %.2f %%, AUROC %.4f), %.1f s",
+                 name, len(data.train.x), metrics["test_error"], metrics["test_balanced_error"],
+                 metrics["test_auroc"], seconds)
+        rows.append({"task": name, **metrics, "seconds": seconds, "status": "trained"})
+    table = pd.DataFrame(rows).set_index("task")
+    utils.atomic_write(f"{cfg.CKPT_DIR}/tasks/summary.csv", lambda tmp: table.to_csv(tmp))
+    shown = table[["test_error", "test_balanced_error", "test_auroc", "val_error", "seconds", "status"]]
+    log.info("summary (also in %s/tasks/summary.csv):\n%s", cfg.CKPT_DIR,
+             shown.to_string(float_format="{:.4g}".format))
+    return table
+
+
+if __name__ == "__main__":
+    utils.run(main)
