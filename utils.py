@@ -66,8 +66,10 @@ def _parse_value(name, text, default):
     """Parse a command-line value and check it has the type of the constant it replaces."""
     try:
         value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, TypeError):  # TypeError: e.g. {[1]: 2}
         value = text  # a bare word is a string
+    if isinstance(default, str) and not isinstance(value, str):
+        value = text  # a name or path that looks like a number (--CKPT_DIR=2024) is still a string
     return _check_type(name, value, default, f"--{name}={text}")
 
 
@@ -155,7 +157,7 @@ def set_seed(seed):
 
 def environment(device):
     """Versions and hardware, logged by every run and stored in every checkpoint."""
-    env = dict(python=platform.python_version(), torch=torch.__version__,
+    env = dict(python=platform.python_version(), torch=str(torch.__version__),
                numpy=np.__version__, platform=platform.platform(),
                device=str(device), threads=torch.get_num_threads())
     if device.type == "cuda":
@@ -285,6 +287,9 @@ def read_kaggle_csv(path, num_classes):
     except (EOFError, OSError, zlib.error, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot be read ({e}); the file looks truncated or corrupt, "
                         "download or copy it again")
+    if not isinstance(frame.index, pd.RangeIndex):  # pandas makes a first row with one field too many an index
+        raise UserError(f"{path}: row 2 (line 2 of the file) has {frame.shape[1] + 1} fields, "
+                        f"the header {frame.shape[1]}; {fix}")
     if frame.shape[1] != 1 + PIXELS:
         raise UserError(f"{path}: {frame.shape[1]} columns, expected {1 + PIXELS} "
                         f"(label + {PIXELS} pixels); {fix}")
@@ -298,7 +303,7 @@ def read_kaggle_csv(path, num_classes):
     bad = np.isnan(values) | (values != np.round(values))
     if bad.any():
         row, col = map(int, np.argwhere(bad)[0])
-        what = "missing value" if pd.isna(frame.iat[row, col]) else f"non-integer value {frame.iat[row, col]!r}"
+        what = "missing value" if pd.isna(frame.iat[row, col]) else f"non-integer value {str(frame.iat[row, col])!r}"
         raise UserError(f"{path}: row {row + 2} (line {row + 2} of the file), column "
                         f"{frame.columns[col]!r}: {what}; {fix}")
     labels, pixels = values[:, 0], values[:, 1:]
@@ -340,7 +345,7 @@ def _load_quickdraw_npy(folder):
     parts = [read_quickdraw_npy(folder / quickdraw_file(c), need) for c in QUICKDRAW_CLASSES]
     labels = torch.arange(len(parts)).repeat_interleave(need).view(len(parts), need)
     images = torch.stack(parts)  # (classes, need, 28, 28)
-    split = lambda t: t[:, :QUICKDRAW_TRAIN].flatten(0, 1), t[:, QUICKDRAW_TRAIN:].flatten(0, 1)
+    split = lambda t: (t[:, :QUICKDRAW_TRAIN].flatten(0, 1), t[:, QUICKDRAW_TRAIN:].flatten(0, 1))
     (train_x, test_x), (train_y, test_y) = split(images), split(labels)
     return train_x, train_y, test_x, test_y
 
@@ -414,6 +419,9 @@ def _fetch(url, dest):
     def write(tmp):
         with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
             shutil.copyfileobj(response, f, length=1 << 20)
+            size = response.headers.get("Content-Length")
+            if size is not None and f.tell() != int(size):  # urllib does not notice a dropped connection
+                raise OSError(f"connection closed after {f.tell()} of {size} bytes")
     try:
         atomic_write(dest, write)
     except OSError as e:
@@ -426,8 +434,11 @@ def write_kaggle_csv(path, images, labels):
     frame = pd.DataFrame(images.reshape(len(images), -1).numpy(),
                          columns=[f"pixel{i + 1}" for i in range(PIXELS)])
     frame.insert(0, "label", labels.numpy())
-    gz = {"method": "gzip", "mtime": 0} if str(path).endswith(".gz") else None  # mtime 0: same bytes twice
-    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False, compression=gz))
+    def write(tmp):
+        text = frame.to_csv(index=False).encode()
+        # gzip.compress stores no file name (a temp name would be) and mtime 0: same bytes twice
+        Path(tmp).write_bytes(gzip.compress(text, mtime=0) if str(path).endswith(".gz") else text)
+    atomic_write(path, write)
 
 
 def download_dataset(name, data_dir, log=None, quickdraw_url=QUICKDRAW_URL):
@@ -562,6 +573,8 @@ def stratified_split(labels, val_fraction, seed):
 def _splits(raw, val_fraction, seed, train_limit, eval_limit):
     """Shared float tensors of a dataset's splits, scaled to [0, 1] once."""
     train_idx, val_idx = stratified_split(raw.train_y, val_fraction, seed)
+    # the fingerprint names the split, not the subset a budget uses, so later steps may use less data
+    digest = fingerprint(train_idx, val_idx)
     if train_limit:
         train_idx = train_idx[:train_limit]
     test_idx = torch.arange(len(raw.test_y))
@@ -571,8 +584,7 @@ def _splits(raw, val_fraction, seed, train_limit, eval_limit):
     scale = lambda x, idx: x[idx].unsqueeze(1).float().div_(255)
     return ((scale(raw.train_x, train_idx), raw.train_y[train_idx]),
             (scale(raw.train_x, val_idx), raw.train_y[val_idx]),
-            (scale(raw.test_x, test_idx), raw.test_y[test_idx]),
-            fingerprint(train_idx, val_idx, test_idx))
+            (scale(raw.test_x, test_idx), raw.test_y[test_idx]), digest)
 
 
 def load_task(name, cfg, log=None):

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny synthetic datasets in the Kaggle CSV layout, written into tmp folders."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's modules, from any cwd
+
+import utils  # noqa: E402
+
+
+def synthetic(per_class, classes=range(10), seed=0):
+    """uint8 images (N, 28, 28) and int64 labels: noise plus a bright bar at a class-dependent row,
+    so a network can learn them; labels shuffled as in a real file."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.tensor([c for c in classes for _ in range(per_class)], dtype=torch.int64)
+    labels = labels[torch.randperm(len(labels), generator=gen)]
+    images = torch.randint(0, 60, (len(labels), 28, 28), generator=gen, dtype=torch.uint8)
+    for i, c in enumerate(labels.tolist()):
+        images[i, 2 + 2 * c:4 + 2 * c, 4:24] = 255
+    return images, labels
+
+
+@pytest.fixture(scope="session")
+def make_kaggle():
+    """make_kaggle(data_dir, dataset, train_per_class, test_per_class, ...) writes the dataset's
+    train and test files and returns (train_x, train_y, test_x, test_y)."""
+    def make(data_dir, dataset="mnist", train_per_class=20, test_per_class=5, classes=range(10),
+             seed=0, gz=False):
+        train_name, test_name = utils.DATASETS[dataset].files
+        suffix = ".gz" if gz else ""
+        train = synthetic(train_per_class, classes, seed)
+        test = synthetic(test_per_class, classes, seed + 1)
+        utils.write_kaggle_csv(Path(data_dir) / (train_name + suffix), *train)
+        utils.write_kaggle_csv(Path(data_dir) / (test_name + suffix), *test)
+        return (*train, *test)
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dataset_caches():
+    # the caches are keyed on paths, so a test that rewrites a file must not see an earlier read
+    utils._read_dataset.cache_clear()
+    utils._splits.cache_clear()
+    yield

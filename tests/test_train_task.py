@@ -1,0 +1,111 @@
+"""Step 1: the base CNN, and train_task.main's checkpoints, determinism and resumption."""
+import shutil
+
+import pytest
+import torch
+
+import train_task
+import utils
+from models import FEATURES, BaseCNN
+
+
+def test_base_cnn_size_and_features():
+    model = BaseCNN(2)
+    assert sum(p.numel() for p in model.parameters()) == 25_694_018
+    x = torch.rand(3, 1, 28, 28)
+    assert model.encoder(x).shape == (3, FEATURES) == (3, 1024)
+    assert model(x).shape == (3, 2)
+    assert BaseCNN(10)(x).shape == (3, 10)
+
+
+def test_adam_steps_lower_the_loss():
+    torch.manual_seed(0)
+    model = BaseCNN(2)
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 2, (16,))
+    optimizer = utils.adam(model.parameters(), 1e-3, torch.device("cpu"))
+    losses = []
+    for _ in range(5):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+# ----------------------------------------------------------------------------- train_task.main
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, make_kaggle):
+    folder = tmp_path_factory.mktemp("data")
+    make_kaggle(folder, "mnist", 30, 10)
+    make_kaggle(folder, "fashion", 30, 10, seed=5)
+    return folder
+
+
+def run(data_dir, ckpt_dir, *extra):
+    # 128 training images: 4 batches of the smoke preset, about a second on a CPU
+    return train_task.main([f"--DATA_DIR={data_dir}", f"--CKPT_DIR={ckpt_dir}", "--PRESET=smoke",
+                            "--DEVICE=cpu", "--TASKS=['mnist0']", "--TRAIN_LIMIT=128", *extra])
+
+
+@pytest.fixture(scope="module")
+def first_run(data_dir, tmp_path_factory):
+    ckpt_dir = tmp_path_factory.mktemp("ckpt_a")
+    table = run(data_dir, ckpt_dir)
+    return ckpt_dir, table
+
+
+def test_first_run_trains_and_writes_a_checkpoint(first_run):
+    ckpt_dir, table = first_run
+    assert table.loc["mnist0", "status"] == "trained"
+    assert 0 <= table.loc["mnist0", "test_error"] <= 100
+    assert (ckpt_dir / "tasks" / "summary.csv").is_file()
+    assert (ckpt_dir / "logs" / "train_task.log").is_file()
+    # plain tensors and Python values only: loadable without trusting pickled code
+    ckpt = torch.load(ckpt_dir / "tasks" / "mnist0.pt", weights_only=True)
+    assert {"state_dict", "config", "metrics", "data_fingerprint"} <= set(ckpt)
+    assert ckpt["num_classes"] == 2
+    model = BaseCNN(2)
+    model.load_state_dict(ckpt["state_dict"])
+    assert ckpt["config"]["LR"] == 1e-3 and ckpt["config"]["TRAIN_LIMIT"] == 128
+    assert not set(ckpt["config"]) & utils.NON_RESULT_KEYS
+    assert {"train_loss", "val_error", "test_error", "test_balanced_error", "test_auroc"} <= set(ckpt["metrics"])
+    assert utils.load_checkpoint(ckpt_dir / "tasks" / "mnist0.pt")["data_fingerprint"] == ckpt["data_fingerprint"]
+
+
+def test_same_seed_gives_identical_weights(first_run, data_dir, tmp_path):
+    run(data_dir, tmp_path)
+    a = torch.load(first_run[0] / "tasks" / "mnist0.pt", weights_only=True)
+    b = torch.load(tmp_path / "tasks" / "mnist0.pt", weights_only=True)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    assert a["metrics"] == b["metrics"] and a["data_fingerprint"] == b["data_fingerprint"]
+
+
+def test_resume_skips_and_changes_retrain(first_run, data_dir, tmp_path, make_kaggle):
+    ckpt_dir, data = tmp_path / "ckpt", tmp_path / "data"
+    shutil.copytree(first_run[0], ckpt_dir)
+    shutil.copytree(data_dir, data)
+    log = ckpt_dir / "logs" / "train_task.log"
+
+    table = run(data, ckpt_dir)  # same config and data (in another folder): nothing to do
+    assert table.loc["mnist0", "status"] == "skipped"
+    assert table.loc["mnist0", "test_error"] == first_run[1].loc["mnist0", "test_error"]
+
+    assert run(data, ckpt_dir, "--LR=0.002").loc["mnist0", "status"] == "trained"
+    assert "checkpoint made with other LR, retraining" in log.read_text()
+    assert run(data, ckpt_dir, "--LR=0.002").loc["mnist0", "status"] == "skipped"
+
+    # new content in the same file, as a fresh process would read it
+    make_kaggle(data, "mnist", 30, 10, seed=9)
+    utils._read_dataset.cache_clear()
+    utils._splits.cache_clear()
+    assert run(data, ckpt_dir, "--LR=0.002").loc["mnist0", "status"] == "trained"
+    assert "checkpoint made with other data, retraining" in log.read_text()
+
+
+def test_bad_config_is_a_user_error(data_dir, tmp_path):
+    with pytest.raises(utils.UserError, match="unknown task 'mnist10'"):
+        run(data_dir, tmp_path, "--TASKS=['mnist10']")
+    with pytest.raises(utils.UserError, match="unknown constant 'EPOCH'"):
+        run(data_dir, tmp_path, "--EPOCH=2")
