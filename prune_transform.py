@@ -41,9 +41,7 @@ TRANSFER_BATCH = 200
 TRANSFER_LR = 1e-3
 PRUNE_STEP = 0.05        # share of the weights removed per pruning step (the paper's 5 % grid)
 MAX_SPARSITY = 0.95      # the last pruning level tried
-FINETUNE_EPOCHS = 10     # MSE epochs after each pruning step (released helper: 10, RMSprop)
-FINETUNE_LR = 1e-3       # released helper: RMSprop lr 1e-3
-FINETUNE_WD = 5e-4       # released helper: weight decay 5e-4
+FINETUNE_EPOCHS = 10     # MSE epochs after each pruning step (released helper: 10)
 EPSILON = 1.0            # accuracy points a pruned net may lose against the reference
 REFERENCE = "target"     # "target": B's own network's accuracy (the paper's L_B >= 1 - eps);
                          # "transfer": the unpruned transfer net's accuracy
@@ -130,8 +128,8 @@ def measure_pair(source_feats, target_feats, head, labels, cfg, device, bar=None
     utils.set_seed(cfg.SEED)
     generator = torch.Generator().manual_seed(cfg.SEED)
     net = TransferNet().to(device)
-    fit(net, utils.adam(net.parameters(), cfg.TRANSFER_LR, device), xs, xt,
-        cfg.TRANSFER_EPOCHS, cfg.TRANSFER_BATCH, generator, device)
+    optimizer = utils.adam(net.parameters(), cfg.TRANSFER_LR, device)
+    fit(net, optimizer, xs, xt, cfg.TRANSFER_EPOCHS, cfg.TRANSFER_BATCH, generator, device)
     accuracy, mse = score(net, head, xs_val, xt_val, labels)
     own = score(torch.nn.Identity(), head, xt_val, xt_val, labels)[0]  # the target network itself
     threshold = (accuracy if cfg.REFERENCE == "transfer" else own) - cfg.EPSILON
@@ -147,8 +145,8 @@ def measure_pair(source_feats, target_feats, head, labels, cfg, device, bar=None
             amount = round(sparsity * n_weights) - pruned  # prune counts among the weights still left
             prune.global_unstructured(layers, pruning_method=prune.L1Unstructured, amount=amount)
             pruned += amount
-            optimizer = torch.optim.RMSprop(net.parameters(), lr=cfg.FINETUNE_LR,
-                                            weight_decay=cfg.FINETUNE_WD)
+            # fine-tuning continues the training's Adam (state included): a fresh optimizer's first
+            # steps (RMSprop: about 10 x lr per weight) undo more than a short fine-tuning repairs
             fit(net, optimizer, xs, xt, cfg.FINETUNE_EPOCHS, cfg.TRANSFER_BATCH, generator, device)
             accuracy, mse = score(net, head, xs_val, xt_val, labels)
             curve.append(dict(sparsity=sparsity, kept=kept_percent(net), accuracy=accuracy, mse=mse))
@@ -264,9 +262,11 @@ def write_outputs(results, cfg, out, log):
         utils.atomic_write(out / name, lambda tmp: table.to_csv(tmp, float_format="%.4f"))
     plot_heatmap(matrix, out / "heatmap.png", "Task distance d(source → target)")
     plot_curves(results, list(cfg.TARGETS), out / "pruning_curves.png")
-    closest = {t: [dict(task=s, distance=float(matrix.at[s, t]))
-                   for s in matrix[t].drop(t, errors="ignore").sort_values(kind="stable").index]
-               for t in cfg.TARGETS}
+    # ties (e.g. several sources at 100) go to the better unpruned transfer
+    ranked = frame[frame.source != frame.target].assign(neg_accuracy=lambda f: -f.unpruned_accuracy)
+    ranked = ranked.sort_values(["target", "distance", "neg_accuracy"], kind="stable")
+    closest = {t: [dict(task=r.source, distance=float(r.distance), unpruned_accuracy=float(r.unpruned_accuracy))
+                   for r in ranked[ranked.target == t].itertuples()] for t in cfg.TARGETS}
     payload = dict(config=utils.result_config(cfg), k=cfg.K_CLOSEST, closest=closest)
     utils.atomic_write(out / "closest.json", lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
     log.info("distance matrix, rows = source A, columns = target B (%s):\n%s", out / "matrix.csv",

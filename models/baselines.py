@@ -4,6 +4,8 @@ from __future__ import annotations
 from torch import nn
 from torchvision import models as tvm
 
+from .network import GlobalAvgPool
+
 BASELINES: tuple[str, ...] = ("resnet18", "resnet34", "densenet161")
 
 
@@ -21,6 +23,7 @@ def build_baseline(name: str, num_classes: int = 2) -> nn.Module:
         net.conv1 = nn.Conv2d(1, 64, 3, stride=1, padding=1, bias=False)
         _kaiming(net.conv1)
         net.maxpool = nn.Identity()
+        net.avgpool = GlobalAvgPool()  # deterministic on CUDA; torchvision's flatten then has nothing to do
         net.fc = nn.Linear(net.fc.in_features, num_classes)
         return net
     net = tvm.densenet161(weights=None)

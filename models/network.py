@@ -53,6 +53,13 @@ class ReductionBlock(nn.Module):
         return self.conv_b(self.conv_a(x)) + self.shortcut(x)
 
 
+class GlobalAvgPool(nn.Module):
+    """(B, C, H, W) -> (B, C); a plain mean, whose CUDA backward (unlike AdaptiveAvgPool2d's) is deterministic."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
 class SearchNetwork(nn.Module):
     def __init__(self, genotype: Genotype, num_classes: int, in_channels: int = 1) -> None:
         super().__init__()
@@ -68,7 +75,7 @@ class SearchNetwork(nn.Module):
                 layers.append(ReductionBlock(width // 2, width))
             layers.extend(Cell(genotype, width) for _ in range(N))
         self.cells = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.ReLU(inplace=False), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Sequential(nn.ReLU(inplace=False), GlobalAvgPool())
         self.classifier = nn.Linear(4 * C, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +101,10 @@ class FuseMixture(nn.Module):
         self.alpha = nn.Parameter(torch.zeros(len(self.candidates)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = torch.stack([net(x) for net in self.candidates], dim=0)
+        return self.combine(torch.stack([net(x) for net in self.candidates], dim=0))
+
+    def combine(self, logits: torch.Tensor) -> torch.Tensor:
+        """Mix stacked candidate logits (C, B, classes); lets α train on logits computed once."""
         w = torch.softmax(self.alpha, dim=0).to(logits.dtype)
         return torch.einsum("c,c...->...", w, logits)
 

@@ -43,6 +43,7 @@ def common(data, ckpt):
 def run(data, ckpt, sources, targets, *extra):
     return prune_transform.main(common(data, ckpt) + [
         f"--SOURCES={sources}", f"--TARGETS={targets}", "--TRANSFER_EPOCHS=5", "--TRANSFER_BATCH=50",
+        "--PRUNE_STEP=0.1", "--MAX_SPARSITY=0.5",
         *extra])
 
 

@@ -1,0 +1,616 @@
+"""Step 3: FUSE (fusion search) in the task-aware and the standard space, and the comparison table.
+
+python model_FUSE.py [--NAME=value ...]; every constant below can be overridden that way.
+Reads step 2's CKPT_DIR/distances/closest.json; writes under CKPT_DIR/search/:
+  dictionary/<task>.json           searched genotype of each base task the task-aware space needs, with
+                                   the config that made it (reused by every later target)
+  dictionary/<task>/round_NN.json  that search's rounds (as below)
+  <target>/<space>/round_NN.json   one FUSE round: candidates, softmax(α) after every alternation,
+                                   validation accuracies, winner, wall-clock; a rerun resumes from them
+  <target>/<space>/result.json     the search's genotype and cost; alpha.png its α trajectories
+  <target>/genotype.json           the genotype found in SPACE
+  <target>/random.json             the random-search trials
+  <target>/rows/<row>.json|_seedS.pt  each comparison row retrained from scratch, scored on test
+  <target>/table.csv, table.md, error_vs_params.png
+"""
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+import utils  # noqa: E402
+from models import (FuseMixture, Genotype, build_baseline, build_network, count_parameters,  # noqa: E402
+                    operations, sample_distinct, sample_genotype, space_size, standard_space,
+                    task_aware_space)
+
+# the comparison rows: label and the paper's Table 1 (Quick, Draw! "moon"): error %, parameters (M), GPU days
+PAPER_ROWS = {
+    "fuse_task_aware": ("FUSE w. task-aware space (TA-NAS)", 1.18, 2.72, 2),
+    "fuse_standard": ("FUSE w. standard space", 1.21, 2.89, 2),
+    "random": ("Random search", 1.33, 2.55, 4),
+    "resnet18": ("ResNet-18", 1.42, 11.44, None),
+    "resnet34": ("ResNet-34", 1.20, 21.54, None),
+    "densenet161": ("DenseNet-161", 1.17, 27.60, None),
+}
+ROW_SEARCH = {"fuse_task_aware": "task_aware", "fuse_standard": "standard", "random": "random"}
+
+PRESET = "quick"          # smoke | quick | paper (utils.PRESETS); a preset overrides the constants below
+DATA_DIR = "data"         # full CSVs here; without them the bundled sample in data/sample is used
+CKPT_DIR = "checkpoints"
+DEVICE = "auto"           # auto = cuda, then mps, then cpu
+SEED = 0                  # seeds the split (as in steps 1-2), the architecture samplers and the networks
+DOWNLOAD = False          # fetch missing datasets into DATA_DIR (needs internet)
+TARGET = utils.HELD_OUT_TARGET  # the paper's is utils.PAPER_TARGET (needs the Quick, Draw! files)
+SPACE = "task_aware"      # space of the headline search (genotype.json): task_aware | standard
+K = 3                     # closest base tasks whose genotypes make the task-aware space (paper: 3)
+VAL_FRACTION = 0.1        # as in steps 1-2; α is trained on this validation split, never on test
+TRAIN_LIMIT = 0           # load at most this many training images (0 = the whole training split)
+EVAL_LIMIT = 0            # at most this many validation / test images (0 = all)
+SEARCH_LIMIT = 0          # FUSE and random search train weights on at most this many of them (0 = all)
+NODES = 3                 # nodes of a cell (the paper's example cell: 3)
+C = 64                    # channels of the first stage; C=64, N=3 gives about 1.7 M parameters
+N = 3                     # cells per stage (3 stages, 2 reductions)
+CANDIDATES = 3            # networks per round, the incumbent included (released code: 3)
+ROUNDS = 10               # rounds of the target's search (released code: 10)
+BASE_ROUNDS = 10          # rounds of a base task's search, for the dictionary
+W_EPOCHS = 5              # (i) epochs of weight training per alternation (released code: 5)
+ALPHA_EPOCHS = 5          # (ii) epochs of α training per alternation (released code: 5, on test)
+ALPHA_TOL = 1e-3          # stop alternating once no softmax(α) weight moved more than this ...
+MAX_ALTERNATIONS = 5      # ... or after this many alternations (released code: always 5)
+W_OPTIMIZER = "adam"      # adam | sgd (momentum 0.9); released code: Adam, default lr, new every alternation
+W_LR = 1e-3
+ALPHA_OPTIMIZER = "adam"  # adam | sgd (momentum 0.9); released code: Adam, default lr, new every alternation
+ALPHA_LR = 1e-3
+BATCH = 128               # batch of weight, α and final training (released code: 128)
+FINAL_EPOCHS = 10         # every row is retrained from scratch this long (released code: 10, Adam)
+FINAL_LR = 1e-3
+FINAL_LIMIT = 0           # retrain on at most this many training images (0 = all)
+FINAL_SEEDS = [0]         # one retraining per seed; the table gives the mean (the paper: one run)
+ROWS = list(PAPER_ROWS)   # comparison rows to run, from PAPER_ROWS
+EVAL_BATCH = 1000         # images per forward pass when evaluating (speed only)
+THREADS = 0               # CPU threads (0 = torch's default); 1 spares small networks OpenMP's waits on a
+                          # busy machine (speed only, though the last bits of results may depend on it)
+
+# the constants a search's result depends on: rounds, dictionary entries and random trials are
+# reused when these match (TARGET, ROWS and the final budget do not change a search)
+SEARCH_KEYS = frozenset({"SEED", "VAL_FRACTION", "TRAIN_LIMIT", "EVAL_LIMIT", "SEARCH_LIMIT", "NODES",
+                         "C", "N", "CANDIDATES", "W_EPOCHS", "ALPHA_EPOCHS", "ALPHA_TOL",
+                         "MAX_ALTERNATIONS", "W_OPTIMIZER", "W_LR", "ALPHA_OPTIMIZER", "ALPHA_LR", "BATCH"})
+FINAL_KEYS = frozenset({"SEED", "VAL_FRACTION", "TRAIN_LIMIT", "EVAL_LIMIT", "BATCH", "FINAL_EPOCHS",
+                        "FINAL_LR", "FINAL_LIMIT", "FINAL_SEEDS"})
+OPTIMIZERS = frozenset({"adam", "sgd"})
+AT_LEAST_ONE = frozenset({"K", "C", "N", "CANDIDATES", "ROUNDS", "BASE_ROUNDS", "W_EPOCHS", "ALPHA_EPOCHS",
+                          "MAX_ALTERNATIONS", "BATCH", "FINAL_EPOCHS", "EVAL_BATCH"})
+
+
+# ----------------------------------------------------------------------------- small helpers
+def check_config(cfg):
+    utils.get_task(cfg.TARGET)
+    if cfg.SPACE not in ("task_aware", "standard"):
+        raise utils.UserError(f"SPACE={cfg.SPACE!r}: use 'task_aware' or 'standard'")
+    unknown = [r for r in cfg.ROWS if r not in PAPER_ROWS]
+    if unknown:
+        raise utils.UserError(f"ROWS: unknown row(s) {unknown}; valid rows: {', '.join(PAPER_ROWS)}")
+    for name in ("W_OPTIMIZER", "ALPHA_OPTIMIZER"):
+        if getattr(cfg, name) not in OPTIMIZERS:
+            raise utils.UserError(f"{name}={getattr(cfg, name)!r}: use one of {', '.join(sorted(OPTIMIZERS))}")
+    for name in sorted(AT_LEAST_ONE):
+        if getattr(cfg, name) < 1:
+            raise utils.UserError(f"{name}={getattr(cfg, name)} must be at least 1")
+    if cfg.NODES < 2:
+        raise utils.UserError(f"NODES={cfg.NODES}: a cell needs at least 2 nodes")
+    if not cfg.FINAL_SEEDS:
+        raise utils.UserError("FINAL_SEEDS is empty: give at least one seed, e.g. --FINAL_SEEDS=[0]")
+
+
+def seed_of(*parts):
+    """A stable 63-bit seed from any parts (Python's hash() of a str changes between processes)."""
+    return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+def plain(obj):
+    """obj as it reads back from JSON (tuples become lists), so stored and fresh configs compare."""
+    return json.loads(json.dumps(obj))
+
+
+def pick(cfg, keys):
+    return {k: getattr(cfg, k) for k in sorted(keys)}
+
+
+def read_json(path, fix="delete it to have it remade"):
+    """A JSON file's content; None if the file is missing."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise utils.UserError(f"{path}: not valid JSON ({e}); {fix}")
+
+
+def write_json(path, payload):
+    utils.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
+
+
+def read_genotype(payload, path):
+    """A Genotype from its JSON form; a bad one is a UserError naming the file and what is valid."""
+    fix = "fix the file or delete it to have it searched again"
+    try:
+        return Genotype.from_json(payload)
+    except ValueError as e:
+        raise utils.UserError(f"{path}: bad genotype: {e}. Valid ops: {', '.join(operations.OP_NAMES)}; "
+                              f"a cell of n nodes has n(n-1)/2 edges, one op each; {fix}")
+    except (KeyError, TypeError):
+        raise utils.UserError(f"{path}: a genotype looks like {{\"ops\": [one op per edge], \"nodes\": 3, "
+                              f"\"C\": 16, \"N\": 1}}, got {payload!r}. Valid ops: "
+                              f"{', '.join(operations.OP_NAMES)}; {fix}")
+
+
+@lru_cache(maxsize=None)
+def device_label(device):
+    env = utils.environment(device)
+    return f"{device.type}: {env.get('gpu') or env.get('cpu')}"
+
+
+def limit(split, n):
+    """The first n images of a split (the training split is already shuffled); all when n is 0."""
+    return utils.Split(split.x[:n], split.y[:n]) if n else split
+
+
+def make_optimizer(name, params, lr, device):
+    params = list(params)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    return utils.adam(params, lr, device)
+
+
+# ----------------------------------------------------------------------------- one FUSE round
+def train_weights(mix, train, cfg, device, generator, bar=None):
+    """(i) W_EPOCHS of every candidate's weights on the training split, α frozen."""
+    mix.alpha.requires_grad_(False)
+    optimizer = make_optimizer(cfg.W_OPTIMIZER, mix.candidate_parameters(), cfg.W_LR, device)
+    for _ in range(cfg.W_EPOCHS):
+        utils.train_epoch(mix, optimizer, train.x, train.y, cfg.BATCH, generator, device, progress=bar)
+    mix.alpha.requires_grad_(True)
+
+
+def candidate_logits(mix, x, cfg):
+    """(candidates, images, classes) logits of the candidates in evaluation mode, on the mixture's device."""
+    return torch.stack([utils.predict(net, x, cfg.EVAL_BATCH) for net in mix.candidates]).to(mix.alpha.device)
+
+
+def train_alpha(mix, val, cfg, device, generator):
+    """(ii) ALPHA_EPOCHS of α on the validation split, the candidates frozen in evaluation mode.
+
+    Frozen candidates give the same logits on every pass, so they are computed once; returns them.
+    """
+    logits, y = candidate_logits(mix, val.x, cfg), val.y.to(device)
+    optimizer = make_optimizer(cfg.ALPHA_OPTIMIZER, [mix.alpha], cfg.ALPHA_LR, device)
+    for _ in range(cfg.ALPHA_EPOCHS):
+        for idx in utils.batches(len(y), cfg.BATCH, True, generator, device):
+            loss = F.cross_entropy(mix.combine(logits[:, idx]), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return logits
+
+
+def alternate(mix, train, val, cfg, device, generator, bar=None):
+    """(i) then (ii) until softmax(α) moves less than ALPHA_TOL or MAX_ALTERNATIONS is reached.
+
+    Returns softmax(α) before and after every alternation, whether it settled, and the last val logits.
+    """
+    trajectory = [mix.weights().cpu().tolist()]
+    while True:
+        train_weights(mix, train, cfg, device, generator, bar)
+        logits = train_alpha(mix, val, cfg, device, generator)
+        trajectory.append(mix.weights().cpu().tolist())
+        settled = max(abs(a - b) for a, b in zip(*trajectory[-2:])) < cfg.ALPHA_TOL
+        if settled or len(trajectory) > cfg.MAX_ALTERNATIONS:
+            return trajectory, settled, logits
+
+
+def run_round(candidates, train, val, num_classes, cfg, device, seed, bar=None):
+    """One round on fresh weights: the α trajectory, validation accuracies and the winner's index."""
+    networks = []
+    for genotype in candidates:
+        torch.manual_seed(seed)  # an architecture starts from the same weights wherever it sits in the round
+        networks.append(build_network(genotype, num_classes))
+    mix = FuseMixture(networks).to(device)
+    trajectory, settled, logits = alternate(mix, train, val, cfg, device,
+                                            torch.Generator().manual_seed(seed), bar)
+    y = val.y.to(logits.device)
+    with torch.no_grad():
+        accuracy = (logits.argmax(-1) == y).float().mean(-1).mul(100).tolist()
+        mixture = float((mix.combine(logits).argmax(-1) == y).float().mean().mul(100))
+    return dict(candidates=[g.to_json() for g in candidates], alpha=trajectory,
+                alternations=len(trajectory) - 1, settled=settled, val_accuracy=accuracy,
+                mixture_val_accuracy=mixture,
+                winner=int(torch.argmax(mix.alpha.detach())))  # a tie keeps the incumbent (index 0)
+
+
+# ----------------------------------------------------------------------------- a FUSE search
+@dataclass(frozen=True)
+class Search:
+    """One FUSE search: a task, its space, the first incumbent, the rounds and where they are saved."""
+    task: str
+    space_name: str
+    space: tuple
+    first: Genotype
+    rounds: int
+    folder: Path
+    data_id: str  # fingerprint of the task's data, labels and split
+    num_classes: int
+
+    def identity(self, cfg):
+        return plain(dict(pick(cfg, SEARCH_KEYS), task=self.task, data=self.data_id, space_name=self.space_name,
+                          space=self.space, first=self.first.to_json()))
+
+
+def round_candidates(search, r, incumbent, cfg):
+    """The incumbent and CANDIDATES-1 distinct new genotypes, from this round's own generator."""
+    rng = random.Random(f"{cfg.SEED}/{search.task}/{search.space_name}/{r}")
+    return [incumbent] + sample_distinct(search.space, rng, cfg.CANDIDATES - 1, [incumbent],
+                                         cfg.NODES, cfg.C, cfg.N)
+
+
+def search_round(search, r, incumbent, train, val, cfg, device, log):
+    """Run round r and save it, with the config and incumbent it started from."""
+    candidates = round_candidates(search, r, incumbent, cfg)
+    start = time.perf_counter()
+    with tqdm(total=cfg.MAX_ALTERNATIONS * cfg.W_EPOCHS * len(train.x), desc=f"round {r}", unit="img",
+              leave=False, mininterval=1) as bar:
+        result = run_round(candidates, train, val, search.num_classes, cfg, device,
+                           seed_of(cfg.SEED, search.task, search.space_name, r), bar)
+    record = dict(config=round_config(search, r, incumbent, cfg), round=r, task=search.task,
+                  space=search.space_name, **result, seconds=time.perf_counter() - start,
+                  device=device_label(device))
+    write_json(search.folder / f"round_{r:02d}.json", record)
+    log.info("%s (%s) round %d: α %s after %d alternation(s) (%s), val accuracy %s, mixture %.2f %%; "
+             "winner %s, %.1f s", search.task, search.space_name, r,
+             [round(a, 4) for a in record["alpha"][-1]], record["alternations"],
+             "settled" if record["settled"] else "budget reached",
+             [round(a, 2) for a in record["val_accuracy"]], record["mixture_val_accuracy"],
+             "/".join(candidates[record["winner"]].ops), record["seconds"])
+    return record
+
+
+def round_config(search, r, incumbent, cfg):
+    return dict(search.identity(cfg), round=r, incumbent=incumbent.to_json())
+
+
+def fuse_search(search, train, val, cfg, device, log):
+    """FUSE for search.rounds rounds on the training and validation splits (the test split never
+    comes in). A round saved with the same config and incumbent is reused, so a killed search
+    resumes after its last finished round and ends as an uninterrupted one would."""
+    incumbent, records = search.first, []
+    for r in tqdm(range(1, search.rounds + 1), desc=f"FUSE {search.task} ({search.space_name})", unit="round"):
+        path = search.folder / f"round_{r:02d}.json"
+        record = read_json(path)
+        if record is None or record.get("config") != plain(round_config(search, r, incumbent, cfg)):
+            record = search_round(search, r, incumbent, train, val, cfg, device, log)
+        incumbent = read_genotype(record["candidates"][record["winner"]], path)
+        records.append(record)
+    result = dict(task=search.task, space=search.space_name, genotype=incumbent.to_json(),
+                  config=dict(search.identity(cfg), rounds=search.rounds),
+                  seconds=sum(r["seconds"] for r in records),
+                  device=", ".join(sorted({r["device"] for r in records})), rounds=records)
+    write_json(search.folder / "result.json", result)
+    plot_alpha(records, search.folder / "alpha.png", f"FUSE on {search.task}, {search.space_name} space")
+    return result
+
+
+def standard_search(name, data, rounds, folder, cfg):
+    """A search in the standard space, from a sampled first incumbent."""
+    space = standard_space(cfg.NODES)
+    first = sample_genotype(space, random.Random(f"{cfg.SEED}/{name}/standard/0"), cfg.NODES, cfg.C, cfg.N)
+    return Search(name, "standard", space, first, rounds, Path(folder), data.fingerprint, data.task.num_classes)
+
+
+# ----------------------------------------------------------------------------- the task-aware space
+def prune_command(cfg, targets):
+    listed = ", ".join(f"'{t}'" for t in dict.fromkeys([*targets, cfg.TARGET]))
+    return (f"python prune_transform.py --TARGETS=\"[{listed}]\" --PRESET={cfg.PRESET} "
+            f"--DATA_DIR={cfg.DATA_DIR} --CKPT_DIR={cfg.CKPT_DIR}")
+
+
+def closest_tasks(cfg):
+    """The K base tasks closest to TARGET, from step 2's closest.json."""
+    path = Path(cfg.CKPT_DIR) / "distances" / "closest.json"
+    payload = read_json(path, f"remake it with: {prune_command(cfg, [])}")
+    if payload is None:
+        raise utils.UserError(f"no task distances: {path} is missing; measure them with: {prune_command(cfg, [])}")
+    closest = payload.get("closest", {})
+    if not closest.get(cfg.TARGET):
+        raise utils.UserError(f"{path} has no distances to target {cfg.TARGET!r} (only to "
+                              f"{', '.join(closest) or 'no target'}); measure them with: "
+                              f"{prune_command(cfg, list(closest))}")
+    ranked = closest[cfg.TARGET]
+    if len(ranked) < cfg.K:
+        raise utils.UserError(f"{path} ranks {len(ranked)} base task(s) for {cfg.TARGET!r} but K={cfg.K}: "
+                              "lower K or measure more SOURCES with prune_transform.py")
+    return ranked[:cfg.K]
+
+
+def dictionary_genotype(task, cfg, device, log):
+    """A base task's genotype and search seconds: from search/dictionary/<task>.json when it was
+    searched with this config (or written by hand, without a config), else searched now by FUSE in
+    the standard space for BASE_ROUNDS rounds and saved there."""
+    path = Path(cfg.CKPT_DIR) / "search" / "dictionary" / f"{task}.json"
+    data = utils.load_task(task, cfg, log)
+    search = standard_search(task, data, cfg.BASE_ROUNDS, path.with_suffix(""), cfg)
+    config = dict(search.identity(cfg), rounds=cfg.BASE_ROUNDS)
+    entry = read_json(path)
+    if entry is not None:
+        genotype = read_genotype(entry.get("genotype") if isinstance(entry, dict) else entry, path)
+        if genotype.nodes != cfg.NODES:
+            raise utils.UserError(f"{path}: a cell of {genotype.nodes} nodes, but NODES={cfg.NODES}; "
+                                  "fix the file, delete it, or set NODES to match")
+        if "config" not in entry:
+            log.info("%s: genotype %s given by hand in %s", task, "/".join(genotype.ops), path)
+            return genotype, float("nan")
+        if entry["config"] == config:
+            return genotype, entry["seconds"]
+        log.info("%s: %s was searched with another config, searching again", task, path)
+    result = fuse_search(search, limit(data.train, cfg.SEARCH_LIMIT), data.val, cfg, device, log)
+    write_json(path, dict(task=task, genotype=result["genotype"], config=config,
+                          seconds=result["seconds"], device=result["device"]))
+    return Genotype.from_json(result["genotype"]), result["seconds"]
+
+
+def task_aware_search(data, ranked, folder, cfg, device, log):
+    """The target's search in the space of its closest base tasks' genotypes, from the closest one's."""
+    found = [dictionary_genotype(r["task"], cfg, device, log) for r in ranked]
+    genotypes = [g for g, _ in found]
+    space = task_aware_space(genotypes)
+    log.info("task-aware space of %s from %s: %s (%d genotypes)", cfg.TARGET,
+             ", ".join(f"{r['task']} ({r['distance']:.2f}): {'/'.join(g.ops)}" for r, g in zip(ranked, genotypes)),
+             " | ".join("/".join(edge) for edge in space), space_size(space))
+    first = Genotype(genotypes[0].ops, cfg.NODES, cfg.C, cfg.N)
+    search = Search(cfg.TARGET, "task_aware", space, first, cfg.ROUNDS, Path(folder), data.fingerprint,
+                    data.task.num_classes)
+    return search, sum(s for _, s in found)
+
+
+def target_search(space, data, ranked, out, cfg, device, log):
+    """The target's FUSE search in one space; for the task-aware one, also the dictionary's cost."""
+    if space == "standard":
+        search, dictionary_seconds = standard_search(cfg.TARGET, data, cfg.ROUNDS, out / space, cfg), float("nan")
+    else:
+        search, dictionary_seconds = task_aware_search(data, ranked, out / space, cfg, device, log)
+    result = fuse_search(search, limit(data.train, cfg.SEARCH_LIMIT), data.val, cfg, device, log)
+    return dict(result, dictionary_seconds=dictionary_seconds)
+
+
+# ----------------------------------------------------------------------------- random search
+def random_trial(genotype, epochs, seed, train, val, num_classes, cfg, device):
+    """Train one candidate alone from fresh weights; its validation accuracy."""
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    net = build_network(genotype, num_classes).to(device)
+    optimizer = make_optimizer(cfg.W_OPTIMIZER, net.parameters(), cfg.W_LR, device)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        utils.train_epoch(net, optimizer, train.x, train.y, cfg.BATCH, generator, device)
+    accuracy = float((utils.predict(net, val.x, cfg.EVAL_BATCH).argmax(1) == val.y).float().mean() * 100)
+    return dict(genotype=genotype.to_json(), epochs=epochs, val_accuracy=accuracy,
+                seconds=time.perf_counter() - start, device=device_label(device))
+
+
+def random_search(data, standard, out, cfg, device, log):
+    """Random search in the standard space on FUSE's budget: as many candidate trainings as the
+    standard-space FUSE search made, each as many weight epochs as a candidate had in that round;
+    the best by validation accuracy wins. Trials are saved one by one, so a rerun resumes."""
+    budgets = [r["alternations"] * cfg.W_EPOCHS for r in standard["rounds"] for _ in r["candidates"]]
+    rng = random.Random(f"{cfg.SEED}/{data.name}/random")
+    genotypes = sample_distinct(standard_space(cfg.NODES), rng, len(budgets), (), cfg.NODES, cfg.C, cfg.N)
+    path = out / "random.json"
+    config = plain(dict(pick(cfg, SEARCH_KEYS), task=data.name, data=data.fingerprint, budgets=budgets))
+    old = read_json(path)
+    trials = old["trials"] if old and old.get("config") == config else []
+    train = limit(data.train, cfg.SEARCH_LIMIT)
+    for i in tqdm(range(len(trials), len(genotypes)), desc=f"random search {data.name}", unit="trial"):
+        seed = seed_of(cfg.SEED, data.name, "random", i)
+        trials.append(random_trial(genotypes[i], budgets[i], seed, train, data.val,
+                                   data.task.num_classes, cfg, device))
+        write_json(path, dict(config=config, trials=trials))
+    best = max(trials, key=lambda t: t["val_accuracy"])  # the first of equals
+    log.info("random search on %s: %d trials, best %s (val accuracy %.2f %%)", data.name, len(trials),
+             "/".join(best["genotype"]["ops"]), best["val_accuracy"])
+    return dict(genotype=best["genotype"], seconds=sum(t["seconds"] for t in trials),
+                device=", ".join(sorted({t["device"] for t in trials})), dictionary_seconds=float("nan"))
+
+
+# ----------------------------------------------------------------------------- comparison rows
+def retrain(build, data, cfg, device, seed, label):
+    """A fresh network trained FINAL_EPOCHS on the training split with Adam; its val and test metrics."""
+    torch.manual_seed(seed)
+    model = build().to(device)
+    optimizer = utils.adam(model.parameters(), cfg.FINAL_LR, device)
+    generator = torch.Generator().manual_seed(seed)
+    train = limit(data.train, cfg.FINAL_LIMIT)
+    with tqdm(total=cfg.FINAL_EPOCHS * len(train.x), desc=label, unit="img", leave=False, mininterval=1) as bar:
+        for _ in range(cfg.FINAL_EPOCHS):
+            utils.train_epoch(model, optimizer, train.x, train.y, cfg.BATCH, generator, device, progress=bar)
+    metrics = {}
+    for split in ("val", "test"):
+        part = getattr(data, split)
+        scores = utils.classification_metrics(utils.predict(model, part.x, cfg.EVAL_BATCH), part.y)
+        metrics.update({f"{split}_{k}": v for k, v in scores.items()})
+    return model, metrics
+
+
+def run_row(row, data, searches, out, cfg, device, log):
+    """Retrain a row's network for every FINAL_SEEDS seed and score it; reused when done with this config."""
+    search = searches.get(ROW_SEARCH.get(row))
+    genotype = Genotype.from_json(search["genotype"]) if search else None
+    classes = data.task.num_classes
+    build = (lambda: build_network(genotype, classes)) if genotype else (lambda: build_baseline(row, classes))
+    config = plain(dict(pick(cfg, FINAL_KEYS), row=row, task=data.name, data=data.fingerprint,
+                        genotype=genotype.to_json() if genotype else None))
+    path = out / "rows" / f"{row}.json"
+    old = read_json(path)
+    if old and old.get("config") == config:
+        log.info("%s: retrained earlier with the same config, reused", row)
+        return old
+    start, runs = time.perf_counter(), []
+    for s in cfg.FINAL_SEEDS:
+        model, metrics = retrain(build, data, cfg, device, seed_of(cfg.SEED, "final", s), f"{row} seed {s}")
+        runs.append(metrics)
+        if genotype:
+            utils.save_checkpoint({"genotype": genotype.to_json(), "config": config, "metrics": metrics,
+                                   "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}},
+                                  out / "rows" / f"{row}_seed{s}.pt")
+    record = dict(row=row, config=config, params=count_parameters(model), runs=runs,
+                  seconds=time.perf_counter() - start, device=device_label(device))
+    write_json(path, record)
+    log.info("%s: test error %.2f %% (balanced %.2f %%, AUROC %.4f), %.3f M parameters, %.1f s", row,
+             np.mean([m["test_error"] for m in runs]), np.mean([m["test_balanced_error"] for m in runs]),
+             np.mean([m["test_auroc"] for m in runs]), record["params"] / 1e6, record["seconds"])
+    return record
+
+
+def table_row(row, record, searches):
+    label, paper_error, paper_params, paper_days = PAPER_ROWS[row]
+    search = searches.get(ROW_SEARCH.get(row))
+    mean = lambda key: float(np.mean([m[key] for m in record["runs"]]))
+    errors = [m["test_error"] for m in record["runs"]]
+    return {"Architecture": label, "Error (%)": mean("test_error"),
+            "Error sd": float(np.std(errors, ddof=1)) if len(errors) > 1 else float("nan"),
+            "Balanced error (%)": mean("test_balanced_error"), "AUROC": mean("test_auroc"),
+            "Params (M)": record["params"] / 1e6,
+            "Search (s)": search["seconds"] if search else float("nan"),
+            "Dictionary (s)": search["dictionary_seconds"] if search else float("nan"),
+            "Retrain (s)": record["seconds"], "Device": search["device"] if search else record["device"],
+            "Paper error (%)": paper_error, "Paper params (M)": paper_params,
+            "Paper GPU days": float("nan") if paper_days is None else paper_days}
+
+
+FORMATS = {"Error (%)": "{:.2f}", "Error sd": "{:.2f}", "Balanced error (%)": "{:.2f}", "AUROC": "{:.4f}",
+           "Params (M)": "{:.3f}", "Search (s)": "{:.0f}", "Dictionary (s)": "{:.0f}", "Retrain (s)": "{:.0f}",
+           "Paper error (%)": "{:.2f}", "Paper params (M)": "{:.2f}", "Paper GPU days": "{:g}"}
+
+
+def markdown(table):
+    """A Markdown table (pandas' to_markdown needs the tabulate package); missing values as '–'."""
+    def cell(column, value):
+        if isinstance(value, float) and math.isnan(value):
+            return "–"
+        return FORMATS.get(column, "{}").format(value)
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(c, v) for c, v in zip(table.columns, row)) + " |"
+              for row in table.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- plots
+def plot_alpha(records, path, title):
+    """softmax(α) of every candidate over the alternations, one panel per round."""
+    cols = min(5, len(records))
+    rows = -(-len(records) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, record in zip(axes.flat, records):
+        alpha = np.array(record["alpha"])
+        for c in range(alpha.shape[1]):
+            name = "incumbent" if c == 0 else f"candidate {c}"
+            ax.plot(range(len(alpha)), alpha[:, c], marker=".",
+                    label=name + (" (winner)" if c == record["winner"] else ""))
+        ax.set_title(f"round {record['round']}", fontsize=9)
+        ax.set_xlabel("alternation")
+        ax.set_ylabel("softmax(α)")
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(records):]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    utils.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+
+
+def plot_error_params(table, path, target):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for columns, marker, label in ((("Params (M)", "Error (%)"), "o", f"ours ({target}, test split)"),
+                                   (("Paper params (M)", "Paper error (%)"), "x", "paper (Quick, Draw! moon)")):
+        x, y = table[columns[0]], table[columns[1]]
+        ax.scatter(x, y, marker=marker, label=label)
+        for name, xi, yi in zip(table["Architecture"], x, y):
+            ax.annotate(name, (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters (M)")
+    ax.set_ylabel("test error (%)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    utils.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def write_table(records, searches, out, cfg, log):
+    table = pd.DataFrame([table_row(row, record, searches) for row, record in records.items()])
+    utils.atomic_write(out / "table.csv", lambda tmp: table.to_csv(tmp, index=False))
+    text = markdown(table)
+    utils.atomic_write(out / "table.md", lambda tmp: Path(tmp).write_text(text))
+    plot_error_params(table, out / "error_vs_params.png", cfg.TARGET)
+    log.info("comparison on %s (test split; %s/table.csv, table.md):\n%s", cfg.TARGET, out, text)
+    return table
+
+
+# ----------------------------------------------------------------------------- main
+def needed_spaces(cfg):
+    """The target's searches: SPACE's, those of the FUSE rows, and the standard one random search mirrors."""
+    spaces = [cfg.SPACE] + [ROW_SEARCH[r] for r in cfg.ROWS if r.startswith("fuse_")]
+    return list(dict.fromkeys(spaces + (["standard"] if "random" in cfg.ROWS else [])))
+
+
+def run_searches(data, ranked, out, cfg, device, log):
+    """The target's FUSE searches, its headline genotype, and the random search when a row needs it."""
+    searches = {}
+    for space in needed_spaces(cfg):
+        with utils.stage(log, f"{space} search"):
+            searches[space] = target_search(space, data, ranked, out, cfg, device, log)
+    headline = searches[cfg.SPACE]
+    write_json(out / "genotype.json", {k: headline[k] for k in ("task", "space", "genotype", "config", "seconds")})
+    log.info("%s: searched genotype in the %s space: %s", cfg.TARGET, cfg.SPACE,
+             "/".join(headline["genotype"]["ops"]))
+    if "random" in cfg.ROWS:
+        with utils.stage(log, "random search"):
+            searches["random"] = random_search(data, searches["standard"], out, cfg, device, log)
+    return searches
+
+
+def main(argv=None):
+    cfg = utils.configure(globals(), argv)
+    check_config(cfg)
+    device = utils.get_device(cfg.DEVICE)
+    if cfg.THREADS:
+        torch.set_num_threads(cfg.THREADS)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False  # same seed, same genotypes
+    log = utils.start_run("model_FUSE", cfg, device)
+    out = Path(cfg.CKPT_DIR) / "search" / cfg.TARGET
+    start = time.perf_counter()
+    ranked = closest_tasks(cfg) if "task_aware" in needed_spaces(cfg) else None  # fails before any work
+    with utils.stage(log, "data"):
+        data = utils.load_task(cfg.TARGET, cfg, log)
+    searches = run_searches(data, ranked, out, cfg, device, log)
+    records = {}
+    for row in cfg.ROWS:
+        with utils.stage(log, f"row {row}"):
+            records[row] = run_row(row, data, searches, out, cfg, device, log)
+    table = write_table(records, searches, out, cfg, log) if records else None
+    log.info("total wall-clock %.1f s", time.perf_counter() - start)
+    return table
+
+if __name__ == "__main__":
+    utils.run(main)

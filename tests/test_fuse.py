@@ -1,0 +1,237 @@
+"""Step 3: FUSE's choice, its use of the splits, resumption, determinism, errors and a smoke run of main."""
+import inspect
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+import model_FUSE
+import utils
+from models import Genotype, standard_space
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny networks run fastest without OpenMP threads waiting on each other on a busy machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def config(*extra):
+    return utils.configure(vars(model_FUSE), ["--PRESET=smoke", "--DEVICE=cpu", *extra])
+
+
+def brightness_splits(n_train=96, n_val=48, seed=0):
+    """Class 1 images are brighter: any network that sees its input can tell them apart."""
+    gen = torch.Generator().manual_seed(seed)
+    def split(n):
+        y = torch.arange(n) % 2
+        return utils.Split(torch.rand(n, 1, 28, 28, generator=gen) * 0.5 + 0.4 * y.view(-1, 1, 1, 1), y)
+    return split(n_train), split(n_val)
+
+
+CAN_LEARN = Genotype(("skip_connect",) * 3, 3, 4, 1)
+CANNOT_LEARN = Genotype(("zero",) * 3, 3, 4, 1)  # every cell outputs zeros: only the head's bias is left
+
+
+@pytest.mark.parametrize("order", [(CANNOT_LEARN, CAN_LEARN), (CAN_LEARN, CANNOT_LEARN)])
+def test_fuse_picks_the_candidate_that_can_learn(order):
+    cfg = config("--W_EPOCHS=2", "--ALPHA_EPOCHS=3", "--MAX_ALTERNATIONS=2", "--ALPHA_TOL=0.0")
+    train, val = brightness_splits()
+    record = model_FUSE.run_round(list(order), train, val, 2, cfg, torch.device("cpu"), seed=0)
+    good = order.index(CAN_LEARN)
+    assert record["winner"] == good
+    assert record["alpha"][-1][good] > 0.5 > record["alpha"][-1][1 - good]
+    assert record["alpha"][0] == [0.5, 0.5]  # α starts at zero: uniform weights
+    assert record["alternations"] == 2 and len(record["alpha"]) == 3
+    assert record["val_accuracy"][good] >= record["val_accuracy"][1 - good]
+
+
+def test_alpha_settles_within_the_tolerance():
+    cfg = config("--MAX_ALTERNATIONS=5", "--ALPHA_TOL=1.0")  # any move is below 1: one alternation
+    train, val = brightness_splits(32, 16)
+    record = model_FUSE.run_round([CAN_LEARN, CANNOT_LEARN], train, val, 2, cfg, torch.device("cpu"), seed=0)
+    assert record["settled"] and record["alternations"] == 1
+
+
+def test_search_takes_only_training_and_validation_data():
+    params = list(inspect.signature(model_FUSE.fuse_search).parameters)
+    assert params == ["search", "train", "val", "cfg", "device", "log"]
+    assert list(inspect.signature(model_FUSE.train_alpha).parameters)[:2] == ["mix", "val"]
+
+
+# ----------------------------------------------------------------------------- resume and determinism
+def search_in(folder, cfg, rounds=3, task="synthetic"):
+    train, val = brightness_splits(64, 32)
+    data = type("Data", (), {"fingerprint": "synthetic", "task": utils.Task("mnist")})()
+    search = model_FUSE.standard_search(task, data, rounds, folder, cfg)
+    return model_FUSE.fuse_search(search, train, val, cfg, torch.device("cpu"), logging.getLogger("test"))
+
+
+def round_files(folder):
+    """Every round file without its wall-clock, which differs between runs."""
+    out = {}
+    for path in sorted(Path(folder).glob("round_*.json")):
+        record = json.loads(path.read_text())
+        record.pop("seconds")
+        out[path.name] = record
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("search_a")
+    return folder, search_in(folder, config())
+
+
+def test_same_seed_same_genotypes(uninterrupted, tmp_path):
+    folder, first = uninterrupted
+    again = search_in(tmp_path, config())
+    assert again["genotype"] == first["genotype"]
+    assert round_files(tmp_path) == round_files(folder)
+    other = search_in(tmp_path / "seed1", config("--SEED=1"))
+    assert [r["candidates"] for r in other["rounds"]] != [r["candidates"] for r in first["rounds"]]
+
+
+def test_killed_search_resumes_to_the_same_result(uninterrupted, tmp_path, monkeypatch):
+    folder, first = uninterrupted
+    real, calls = model_FUSE.run_round, []
+
+    def dies_in_round_2(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*args, **kw)
+    monkeypatch.setattr(model_FUSE, "run_round", dies_in_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        search_in(tmp_path, config())
+    assert [p.name for p in tmp_path.glob("round_*.json")] == ["round_01.json"]
+    assert not (tmp_path / "result.json").exists()
+
+    calls.clear()
+    monkeypatch.setattr(model_FUSE, "run_round", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    resumed = search_in(tmp_path, config())
+    assert len(calls) == 2  # rounds 2 and 3 only
+    assert resumed["genotype"] == first["genotype"]
+    assert round_files(tmp_path) == round_files(folder)
+
+
+def test_changed_config_reruns_rounds(uninterrupted, tmp_path, monkeypatch):
+    folder, _ = uninterrupted
+    for path in folder.glob("round_*.json"):
+        (tmp_path / path.name).write_text(path.read_text())
+    real, calls = model_FUSE.run_round, []
+    monkeypatch.setattr(model_FUSE, "run_round", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    search_in(tmp_path, config())
+    assert calls == []
+    search_in(tmp_path, config("--W_LR=0.002"))
+    assert len(calls) == 3
+
+
+# ----------------------------------------------------------------------------- main
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, make_kaggle):
+    folder = tmp_path_factory.mktemp("data")
+    make_kaggle(folder, "fashion", 20, 5, seed=3)
+    return folder
+
+
+def write_closest(ckpt_dir, closest):
+    path = Path(ckpt_dir) / "distances" / "closest.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"config": {}, "k": 2, "closest": closest}))
+
+
+SANDAL = {"sandal": [{"task": "trouser", "distance": 10.0}, {"task": "tshirt", "distance": 20.0},
+                     {"task": "dress", "distance": 30.0}]}
+
+
+def run(data_dir, ckpt_dir, *extra):
+    return model_FUSE.main([f"--DATA_DIR={data_dir}", f"--CKPT_DIR={ckpt_dir}", "--PRESET=smoke",
+                            "--DEVICE=cpu", "--TRAIN_LIMIT=64", "--K=2", *extra])
+
+
+def test_missing_distances_name_the_step_2_command(data_dir, tmp_path):
+    with pytest.raises(utils.UserError, match=r"missing.*python prune_transform.py --TARGETS=\"\['sandal'\]\""):
+        run(data_dir, tmp_path)
+    write_closest(tmp_path, {"boot": SANDAL["sandal"]})
+    with pytest.raises(utils.UserError, match=r"no distances to target 'sandal'.*"
+                                              r"prune_transform.py --TARGETS=\"\['boot', 'sandal'\]\" "
+                                              r"--PRESET=smoke"):
+        run(data_dir, tmp_path)
+    run(data_dir, tmp_path / "std", "--SPACE=standard", "--ROWS=[]", "--ROUNDS=1")  # needs no distances
+
+
+@pytest.mark.parametrize("genotype,shown", [
+    ({"ops": ["conv_9x9", "skip_connect", "zero"], "nodes": 3, "C": 4, "N": 1}, "unknown op 'conv_9x9'"),
+    ({"ops": ["skip_connect", "zero"], "nodes": 3, "C": 4, "N": 1}, "needs 3 ops"),
+])
+def test_bad_genotype_file_lists_the_valid_ops(data_dir, tmp_path, genotype, shown):
+    write_closest(tmp_path, SANDAL)
+    path = tmp_path / "search" / "dictionary" / "trouser.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"task": "trouser", "genotype": genotype}))
+    with pytest.raises(utils.UserError) as err:
+        run(data_dir, tmp_path, "--ROWS=['fuse_task_aware']")
+    assert str(path) in str(err.value) and shown in str(err.value)
+    assert all(op in str(err.value) for op in standard_space(3)[0])
+
+
+def test_hand_written_dictionary_genotypes_are_used(data_dir, tmp_path):
+    write_closest(tmp_path, SANDAL)
+    given = {"trouser": ["sep_conv_3x3", "skip_connect", "zero"], "tshirt": ["dil_conv_3x3", "skip_connect", "zero"]}
+    for task, ops in given.items():
+        path = tmp_path / "search" / "dictionary" / f"{task}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"task": task, "genotype": {"ops": ops, "nodes": 3, "C": 16, "N": 2}}))
+    run(data_dir, tmp_path, "--ROWS=[]", "--ROUNDS=1")
+    result = json.loads((tmp_path / "search" / "sandal" / "task_aware" / "result.json").read_text())
+    assert result["config"]["space"] == [["dil_conv_3x3", "sep_conv_3x3"], ["skip_connect"], ["zero"]]
+    assert result["rounds"][0]["candidates"][0] == {"ops": given["trouser"], "nodes": 3, "C": 4, "N": 1}
+    assert not (tmp_path / "search" / "dictionary" / "trouser").exists()  # nothing was searched
+
+
+def test_main_smoke_writes_table_and_plots_and_never_trains_on_test(data_dir, tmp_path, monkeypatch):
+    write_closest(tmp_path, SANDAL)
+    seen = {"alpha": [], "weights": []}
+    real_alpha, real_weights = model_FUSE.train_alpha, model_FUSE.train_weights
+    monkeypatch.setattr(model_FUSE, "train_alpha",
+                        lambda mix, val, *a: seen["alpha"].append(val.x) or real_alpha(mix, val, *a))
+    monkeypatch.setattr(model_FUSE, "train_weights",
+                        lambda mix, train, *a: seen["weights"].append(train.x) or real_weights(mix, train, *a))
+    rows = "--ROWS=['fuse_task_aware', 'fuse_standard', 'random', 'resnet18']"
+    table = run(data_dir, tmp_path, rows)
+
+    out = tmp_path / "search" / "sandal"
+    for name in ("table.csv", "table.md", "error_vs_params.png", "genotype.json", "task_aware/alpha.png",
+                 "standard/alpha.png", "task_aware/round_02.json", "random.json", "rows/fuse_task_aware_seed0.pt"):
+        assert (out / name).is_file(), name
+    for task in ("trouser", "tshirt"):  # the K=2 closest: searched for the dictionary, the third is not
+        assert (tmp_path / "search" / "dictionary" / f"{task}.json").is_file()
+    assert not (tmp_path / "search" / "dictionary" / "dress.json").exists()
+    assert list(table["Architecture"]) == ["FUSE w. task-aware space (TA-NAS)", "FUSE w. standard space",
+                                           "Random search", "ResNet-18"]
+    assert table["Error (%)"].between(0, 100).all() and table["Paper error (%)"].tolist() == [1.18, 1.21, 1.33, 1.42]
+    markdown = (out / "table.md").read_text()
+    assert markdown.count("\n") == 6 and "| ResNet-18 |" in markdown
+    rounds = json.loads((out / "task_aware" / "round_01.json").read_text())
+    assert {"candidates", "alpha", "val_accuracy", "mixture_val_accuracy", "winner", "seconds"} <= set(rounds)
+    first = json.loads((tmp_path / "search" / "dictionary" / "trouser.json").read_text())["genotype"]
+    assert rounds["candidates"][0]["ops"] == first["ops"]  # the search starts from the closest task's genotype
+
+    # α only ever saw validation images, the weights only training images, and neither saw test images
+    cfg = config(f"--DATA_DIR={data_dir}", "--TRAIN_LIMIT=64")
+    splits = {name: utils.load_task(name, cfg) for name in ("sandal", "trouser", "tshirt")}
+    assert seen["alpha"] and seen["weights"]
+    assert all(any(torch.equal(x, d.val.x) for d in splits.values()) for x in seen["alpha"])
+    assert all(any(torch.equal(x, d.train.x) for d in splits.values()) for x in seen["weights"])
+    assert not any(torch.equal(x, d.test.x) for x in seen["alpha"] + seen["weights"] for d in splits.values())
+
+    log = tmp_path / "logs" / "model_FUSE.log"
+    again = run(data_dir, tmp_path, rows)  # everything finished: reused, same table
+    assert log.read_text().count("retrained earlier with the same config, reused") == 4
+    assert again.equals(table)
