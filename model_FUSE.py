@@ -33,7 +33,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import utils  # noqa: E402
-from models import (FuseMixture, Genotype, build_baseline, build_network, count_parameters,  # noqa: E402
+from models.baselines import build_baseline  # noqa: E402  (torchvision: only this step needs it)
+from models import (FuseMixture, Genotype, build_network, count_parameters,  # noqa: E402
                     operations, sample_distinct, sample_genotype, space_size, standard_space,
                     task_aware_space)
 

@@ -11,4 +11,3 @@ from .genotypes import (
     task_aware_space,
 )
 from .network import FuseMixture, SearchNetwork, build_network, count_parameters
-from .baselines import BASELINES, build_baseline

@@ -1,0 +1,140 @@
+"""Step 1: training the paper's base CNN (batch 64, Adam 1e-3), our input pipeline against the naive one.
+
+python benchmarks/bench_step1.py [--size=smoke|full] [--batches=N] [--repeats=R]
+Ours is what train_task.train_network does per step: shuffled index batches of an in-memory float
+tensor (utils.batches inside utils.train_epoch) and fused Adam (utils.adam). The naive way: a Dataset
+making a PIL image per sample, ToTensor, DataLoader(batch_size=64, shuffle=True) and torch.optim.Adam.
+Writes <out>/step1.csv (images/s, ratio, FLOP/s, share of the roofline, projected epoch) and
+<out>/step1_profile.csv (where a batch's time goes).
+"""
+import time
+
+import torch
+import torch.nn.functional as F
+
+import common
+import train_task
+import utils
+from models import BaseCNN
+
+BATCH, LR = 64, 1e-3  # the paper's
+SIZES = {"smoke": dict(batches=1, repeats=1), "full": dict(batches=200, repeats=5)}
+
+
+def arguments(argv):
+    p = common.parser(__doc__.splitlines()[0], SIZES)
+    p.add_argument("--batches", type=int, help="batches of 64 per timed run (the epoch is extrapolated)")
+    return common.parse(p, argv)
+
+
+def flop_per_image():
+    """Training FLOP of one image through BaseCNN: about 3x the forward (backward = 2x forward)."""
+    return 3 * common.base_cnn_forward_flop()
+
+
+def load_images(args):
+    """The first batches * 64 images of mnist0's training split (in its shuffled order), and the
+    split's size (one epoch)."""
+    n = args.batches * BATCH
+    if args.smoke:
+        return common.synthetic_split(n), common.PAPER_TRAIN
+    common.require_full_data(args.data, "mnist")
+    train = utils.load_task("mnist0", common.data_config(train_task, args.data)).train
+    return utils.Split(train.x[:n], train.y[:n]), len(train.x)
+
+
+def fresh_model(device):
+    torch.manual_seed(0)
+    return BaseCNN(2).to(device)
+
+
+def ours(train, device):
+    """A run of train_task.train_network's epoch loop over the images."""
+    model = fresh_model(device)
+    optimizer = utils.adam(model.parameters(), LR, device)
+    generator = torch.Generator().manual_seed(0)
+    return lambda: utils.train_epoch(model, optimizer, train.x, train.y, BATCH, generator, device)
+
+
+def naive_loader(train):
+    return torch.utils.data.DataLoader(common.NaiveImages(train), batch_size=BATCH, shuffle=True)
+
+
+def naive(train, device):
+    """The usual loop: DataLoader batches moved to the device, the running loss read every batch."""
+    model = fresh_model(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
+    loader = naive_loader(train)
+
+    def epoch():
+        model.train()
+        running = 0.0
+        for xb, yb in loader:
+            xb, yb = xb.to(device), yb.to(device)
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            optimizer.step()
+            running += loss.item()
+        return running
+    return epoch
+
+
+def profile(batches, model, optimizer, device):
+    """Seconds spent in each phase of the training steps over `batches` (an iterable of (x, y));
+    data: from the end of a step to the next batch on the device."""
+    spent = dict(data=0.0, forward=0.0, backward=0.0, optimizer=0.0)
+    model.train()
+    start = time.perf_counter()
+    for xb, yb in batches:
+        xb, yb = xb.to(device), yb.to(device)
+        common.sync(device)
+        tick = time.perf_counter()
+        loss = F.cross_entropy(model(xb), yb)
+        common.sync(device)
+        spent["data"] += tick - start
+        spent["forward"] += time.perf_counter() - tick
+        spent["backward"] += common.timed(loss.backward, device)
+        spent["optimizer"] += common.timed(lambda: (optimizer.zero_grad(), optimizer.step()), device)
+        start = time.perf_counter()
+    return spent
+
+
+def profile_rows(train, device, batches):
+    generator = torch.Generator().manual_seed(0)
+    ours_batches = ((train.x[i], train.y[i]) for i in utils.batches(len(train.x), BATCH, True, generator))
+    rows = []
+    for variant, source, make_optimizer in (
+            ("ours", ours_batches, lambda m: utils.adam(m.parameters(), LR, device)),
+            ("naive", naive_loader(train), lambda m: torch.optim.Adam(m.parameters(), lr=LR))):
+        model = fresh_model(device)
+        spent = profile(source, model, make_optimizer(model), device)
+        total = sum(spent.values())
+        rows += [dict(variant=variant, phase=phase, ms_per_batch=1000 * s / batches, share_pct=100 * s / total)
+                 for phase, s in spent.items()]
+    return rows
+
+
+def rows(seconds, images, epoch_images, args, peak):
+    rate = {v: images / s for v, s in seconds.items()}
+    flop = flop_per_image()
+    return [dict(variant=v, images=images, repeats=args.repeats, median_s=s, images_per_s=rate[v],
+                 speedup_vs_naive=rate[v] / rate["naive"], epoch_images=epoch_images,
+                 epoch_s_projected=epoch_images / rate[v], flop_per_image=flop,
+                 **common.share(flop * images, s, peak), **common.context(args.device, peak))
+            for v, s in seconds.items()]
+
+
+def main(argv=None):
+    args = arguments(argv)
+    peak = common.roofline(args.device, args.smoke)
+    train, epoch_images = load_images(args)
+    seconds = common.alternate({"ours": ours(train, args.device), "naive": naive(train, args.device)},
+                               args.repeats, args.device, warmup=not args.smoke)
+    table = common.save(rows(seconds, len(train.x), epoch_images, args, peak), "step1", args.out)
+    common.save(profile_rows(train, args.device, args.batches), "step1_profile", args.out)
+    return table
+
+
+if __name__ == "__main__":
+    main()

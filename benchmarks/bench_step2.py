@@ -1,0 +1,227 @@
+"""Step 2: one (source, target) pair, ours against the naive way, phase by phase.
+
+python benchmarks/bench_step2.py [--size=smoke|full] [--limit=N] [--val-limit=N] [--epochs=E]
+                                 [--finetune-epochs=F] [--prune-step=S] [--repeats=R]
+Phases: feature extraction (both networks on the target's training and validation images), training
+the transfer net (--epochs), the pruning sweep (every level up to the paper's 95 %, --finetune-epochs
+each: the accuracy threshold is disabled so that both ways run the same levels).
+Ours: prune_transform.FeatureCache (utils.predict under inference_mode) and prune_transform.measure_pair.
+Naive: encoder features by a DataLoader of per-image ToTensor batches of 64 under no_grad, kept as
+NumPy arrays; then a per-sample Dataset over those arrays, DataLoader(batch_size=200, shuffle=True),
+plain Adam, the same TransferNet and pruning schedule.
+Writes <out>/step2.csv: median seconds per phase, the ratio, FLOP/s against the roofline, and the
+time per unit projected to the paper's budget for one pair on the full split (whole sweep: an upper bound).
+"""
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.nn.utils import prune
+
+import common
+import prune_transform
+import utils
+from models import BaseCNN, TransferNet
+
+SOURCE, TARGET = "mnist0", "mnist1"  # the pair's networks are freshly initialised: weights do not change the time
+SIZES = {"smoke": dict(limit=64, val_limit=32, epochs=1, finetune_epochs=1, prune_step=0.5, repeats=1),
+         "full": dict(limit=10_000, val_limit=2_000, epochs=1, finetune_epochs=1, prune_step=0.05, repeats=3)}
+EXTRACT_BATCH = 64  # the naive extraction's batch, as in training
+
+
+def arguments(argv):
+    p = common.parser(__doc__.splitlines()[0], SIZES)
+    p.add_argument("--limit", type=int, help="training images of the target (features to map)")
+    p.add_argument("--val-limit", type=int, help="validation images of the target (scoring)")
+    p.add_argument("--epochs", type=int, help="transfer-net training epochs (the paper: 10)")
+    p.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs per pruning level (the paper: 10)")
+    p.add_argument("--prune-step", type=float, help="share of the weights pruned per level (the paper: 0.05)")
+    return common.parse(p, argv)
+
+
+def load_pair(args):
+    """The target's training and validation splits, and the two networks."""
+    if args.smoke:
+        train, val = common.synthetic_split(args.limit), common.synthetic_split(args.val_limit, seed=1)
+    else:
+        common.require_full_data(args.data, utils.get_task(TARGET).dataset)
+        data = utils.load_task(TARGET, common.data_config(prune_transform, args.data))
+        train = utils.Split(data.train.x[:args.limit], data.train.y[:args.limit])
+        val = utils.Split(data.val.x[:args.val_limit], data.val.y[:args.val_limit])
+    networks = {}
+    for seed, name in enumerate((SOURCE, TARGET)):
+        torch.manual_seed(seed)
+        networks[name] = BaseCNN(2).to(args.device).eval()
+    return SimpleNamespace(task=utils.get_task(TARGET), train=train, val=val), networks
+
+
+def pair_config(args, *extra):
+    return common.data_config(prune_transform, args.data, f"--TRANSFER_EPOCHS={args.epochs}",
+                              f"--FINETUNE_EPOCHS={args.finetune_epochs}", f"--PRUNE_STEP={args.prune_step}",
+                              *extra)
+
+
+def levels(cfg):
+    """Pruning levels of a whole sweep, as measure_pair counts them."""
+    return int(cfg.MAX_SPARSITY / cfg.PRUNE_STEP + 1e-9)
+
+
+# ----------------------------------------------------------------------------- ours
+def ours_extract(data, networks, cfg):
+    cache = prune_transform.FeatureCache(cfg.EVAL_BATCH)  # new each run: a warm cache would do nothing
+    return [cache.get(name, net.encoder, data) for name, net in networks.items()]
+
+
+def ours_phases(data, networks, feats, args):
+    """Each phase through the step's own code: training alone (no pruning level), then the sweep
+    alone (no training epoch, threshold out of reach)."""
+    head, labels = networks[TARGET].head, data.val.y
+    train_cfg = pair_config(args, "--MAX_SPARSITY=0.0")
+    sweep_cfg = pair_config(args, "--TRANSFER_EPOCHS=0", "--EPSILON=1e9")
+    return {"extract": lambda: ours_extract(data, networks, train_cfg),
+            "train": lambda: prune_transform.measure_pair(*feats, head, labels, train_cfg, args.device),
+            "sweep": lambda: prune_transform.measure_pair(*feats, head, labels, sweep_cfg, args.device)}
+
+
+# ----------------------------------------------------------------------------- naive
+class ArrayDataset(torch.utils.data.Dataset):
+    """Per-sample access to NumPy arrays, the usual wrapper of saved features."""
+
+    def __init__(self, *arrays):
+        self.arrays = arrays
+
+    def __len__(self):
+        return len(self.arrays[0])
+
+    def __getitem__(self, i):
+        return tuple(torch.from_numpy(np.asarray(a[i])) for a in self.arrays)
+
+
+def naive_extract(loaders, networks, device):
+    """Each encoder's features on each split, batch by batch under no_grad, into NumPy arrays."""
+    feats = []
+    for net in networks.values():
+        net.eval()
+        with torch.no_grad():
+            feats.append([np.concatenate([net.encoder(xb.to(device)).cpu().numpy() for xb, _ in loader])
+                          for loader in loaders])
+    return feats
+
+
+def naive_fit(net, optimizer, loader, epochs, device):
+    net.train()
+    for _ in range(epochs):
+        running = 0.0
+        for xs, xt in loader:
+            xs, xt = xs.to(device), xt.to(device)
+            optimizer.zero_grad()
+            loss = F.mse_loss(net(xs), xt)
+            loss.backward()
+            optimizer.step()
+            running += loss.item()
+
+
+def naive_score(net, head, loader, device):
+    """Accuracy (%) of the target's head on the transferred validation features."""
+    net.eval()
+    correct = 0
+    with torch.no_grad():
+        for xs, _, y in loader:
+            correct += (head(net(xs.to(device))).argmax(1).cpu() == y).sum().item()
+    return 100 * correct / len(loader.dataset)
+
+
+def naive_train(loaders, head, cfg, device):
+    torch.manual_seed(cfg.SEED)
+    net = TransferNet().to(device)
+    naive_fit(net, torch.optim.Adam(net.parameters(), lr=cfg.TRANSFER_LR), loaders[0],
+              cfg.TRANSFER_EPOCHS, device)
+    naive_score(net, head, loaders[1], device)
+    return net
+
+
+def naive_sweep(loaders, head, cfg, device):
+    """The same schedule: global L1 pruning of PRUNE_STEP more of the weights per level, each level
+    fine-tuned by the training's optimizer."""
+    torch.manual_seed(cfg.SEED)
+    net = TransferNet().to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.TRANSFER_LR)
+    layers = [(m, "weight") for m in net.weight_layers()]
+    n_weights = sum(m.weight.numel() for m, _ in layers)
+    pruned = 0
+    for level in range(1, levels(cfg) + 1):
+        amount = round(level * cfg.PRUNE_STEP * n_weights) - pruned
+        prune.global_unstructured(layers, pruning_method=prune.L1Unstructured, amount=amount)
+        pruned += amount
+        naive_fit(net, optimizer, loaders[0], cfg.FINETUNE_EPOCHS, device)
+        naive_score(net, head, loaders[1], device)
+
+
+def naive_phases(data, networks, feats, args):
+    cfg = pair_config(args)
+    images = [torch.utils.data.DataLoader(common.NaiveImages(s), batch_size=EXTRACT_BATCH)
+              for s in (data.train, data.val)]
+    (src_train, src_val), (tgt_train, tgt_val) = [[f.numpy() for f in pair] for pair in feats]
+    loaders = (torch.utils.data.DataLoader(ArrayDataset(src_train, tgt_train), batch_size=cfg.TRANSFER_BATCH,
+                                           shuffle=True),
+               torch.utils.data.DataLoader(ArrayDataset(src_val, tgt_val, data.val.y.numpy()),
+                                           batch_size=cfg.TRANSFER_BATCH))
+    head = networks[TARGET].head
+    return {"extract": lambda: naive_extract(images, networks, args.device),
+            "train": lambda: naive_train(loaders, head, cfg, args.device),
+            "sweep": lambda: naive_sweep(loaders, head, cfg, args.device)}
+
+
+# ----------------------------------------------------------------------------- report
+def units(cfg, n_train, n_val):
+    """Work of each phase: images through an encoder, and sample-epochs of the transfer net."""
+    return {"extract": 2 * (n_train + n_val), "train": n_train * cfg.TRANSFER_EPOCHS,
+            "sweep": n_train * levels(cfg) * cfg.FINETUNE_EPOCHS}
+
+
+def flop_per_unit():
+    """FLOP of one unit of each phase: an encoder forward; a transfer-net training step (3x its forward)."""
+    transfer = sum(2 * m.weight.numel() for m in TransferNet().weight_layers())  # forward of one sample
+    encoder = common.base_cnn_forward_flop() - 2 * 1024 * 2                       # without the head
+    return {"extract": encoder, "train": 3 * transfer, "sweep": 3 * transfer}
+
+
+def rows(seconds, args, data, peak):
+    measured = units(pair_config(args), len(data.train.x), len(data.val.x))
+    paper = units(common.data_config(prune_transform, args.data), common.PAPER_TRAIN, common.PAPER_VAL)
+    flop = flop_per_unit()
+    out = []
+    for phase, times in seconds.items():
+        for variant, s in times.items():
+            out.append(dict(phase=phase, variant=variant, units=measured[phase], median_s=s,
+                            us_per_unit=1e6 * s / measured[phase], speedup_vs_naive=times["naive"] / s,
+                            paper_units=paper[phase], projected_paper_s=s / measured[phase] * paper[phase],
+                            **common.share(flop[phase] * measured[phase], s, peak),
+                            **common.context(args.device, peak)))
+    return out
+
+
+def total_rows(table):
+    """One row per variant summing the phases (measured and projected)."""
+    sums = table.groupby("variant", sort=False)[["median_s", "projected_paper_s"]].sum()
+    return [dict(phase="total", variant=v, median_s=r.median_s, projected_paper_s=r.projected_paper_s,
+                 speedup_vs_naive=sums.at["naive", "median_s"] / r.median_s) for v, r in sums.iterrows()]
+
+
+def main(argv=None):
+    args = arguments(argv)
+    peak = common.roofline(args.device, args.smoke)
+    data, networks = load_pair(args)
+    feats = ours_extract(data, networks, pair_config(args))
+    ours, naive = ours_phases(data, networks, feats, args), naive_phases(data, networks, feats, args)
+    seconds = {phase: common.alternate({"ours": ours[phase], "naive": naive[phase]}, args.repeats, args.device,
+                                      warmup=not args.smoke)
+               for phase in ours}
+    table = rows(seconds, args, data, peak)
+    return common.save(table + total_rows(pd.DataFrame(table)), "step2", args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Step 3: one FUSE round, ours against the naive way, with the same candidates and budget.
+
+python benchmarks/bench_step3.py [--size=smoke|full] [--limit=N] [--val-limit=N] [--w-epochs=W]
+                                 [--alpha-epochs=A] [--alternations=M] [--repeats=R]
+Candidates: fixed genotypes at the paper's size (C=64, N=3, 3 candidates; the smoke preset's at
+smoke size). Budget: M alternations of W weight epochs on the training images and A alpha epochs on
+the validation images (the paper: 5, 5, 5 on the whole splits); alpha never counts as settled, so both
+ways run all M alternations.
+Ours: model_FUSE.run_round (index batches of in-memory tensors, fused Adam, alpha trained on candidate
+logits computed once per alternation). Naive: DataLoaders over per-image ToTensor datasets, plain Adam,
+every alpha batch running all candidates forward and backward.
+Writes <out>/step3.csv: median seconds of the round, the ratio, and the FLOP/s of its weight training
+against the roofline.
+"""
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import common
+import model_FUSE
+import utils
+from models import FuseMixture, Genotype, build_network
+
+GENOTYPES = (("sep_conv_3x3", "skip_connect", "sep_conv_5x5"),
+             ("dil_conv_3x3", "max_pool_3x3", "conv_7x1_1x7"),
+             ("skip_connect", "sep_conv_3x3", "avg_pool_3x3"))  # 3-node cells, one op per edge
+SIZES = {"smoke": dict(limit=32, val_limit=16, w_epochs=1, alpha_epochs=1, alternations=1, repeats=1),
+         "full": dict(limit=256, val_limit=128, w_epochs=1, alpha_epochs=5, alternations=1, repeats=3)}
+SEED = 0
+
+
+def arguments(argv):
+    p = common.parser(__doc__.splitlines()[0], SIZES)
+    p.add_argument("--limit", type=int, help="training images (weight epochs)")
+    p.add_argument("--val-limit", type=int, help="validation images (alpha epochs)")
+    p.add_argument("--w-epochs", type=int, help="weight epochs per alternation (the paper: 5)")
+    p.add_argument("--alpha-epochs", type=int, help="alpha epochs per alternation (the paper: 5)")
+    p.add_argument("--alternations", type=int, help="alternations of the round (the paper: up to 5)")
+    return common.parse(p, argv)
+
+
+def round_config(args):
+    return common.data_config(model_FUSE, args.data, f"--W_EPOCHS={args.w_epochs}",
+                              f"--ALPHA_EPOCHS={args.alpha_epochs}", f"--MAX_ALTERNATIONS={args.alternations}",
+                              "--ALPHA_TOL=-1.0", preset="smoke" if args.smoke else "paper")
+
+
+def load_splits(args, cfg):
+    if args.smoke:
+        return common.synthetic_split(args.limit), common.synthetic_split(args.val_limit, seed=1)
+    target = utils.HELD_OUT_TARGET
+    common.require_full_data(args.data, utils.get_task(target).dataset)
+    data = utils.load_task(target, cfg)
+    return (utils.Split(data.train.x[:args.limit], data.train.y[:args.limit]),
+            utils.Split(data.val.x[:args.val_limit], data.val.y[:args.val_limit]))
+
+
+def candidates(cfg):
+    return [Genotype(ops, 3, cfg.C, cfg.N) for ops in GENOTYPES[:cfg.CANDIDATES]]
+
+
+def mixture(genotypes, device):
+    """The round's networks from the same seed, as run_round builds them."""
+    networks = []
+    for genotype in genotypes:
+        torch.manual_seed(SEED)
+        networks.append(build_network(genotype, 2))
+    return FuseMixture(networks).to(device)
+
+
+# ----------------------------------------------------------------------------- naive
+def naive_step(model, optimizer, xb, yb, device):
+    xb, yb = xb.to(device), yb.to(device)
+    optimizer.zero_grad()
+    loss = F.cross_entropy(model(xb), yb)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def naive_weights(mix, loader, cfg, device):
+    mix.train()
+    mix.alpha.requires_grad_(False)
+    optimizer = torch.optim.Adam(mix.candidate_parameters(), lr=cfg.W_LR)
+    for _ in range(cfg.W_EPOCHS):
+        for xb, yb in loader:
+            naive_step(mix, optimizer, xb, yb, device)
+    mix.alpha.requires_grad_(True)
+
+
+def naive_alpha(mix, loader, cfg, device):
+    mix.eval()
+    optimizer = torch.optim.Adam([mix.alpha], lr=cfg.ALPHA_LR)
+    for _ in range(cfg.ALPHA_EPOCHS):
+        for xb, yb in loader:
+            naive_step(mix, optimizer, xb, yb, device)
+
+
+def naive_accuracy(mix, loader, device):
+    """Validation accuracy (%) of every candidate."""
+    mix.eval()
+    correct = torch.zeros(len(mix.candidates))
+    with torch.no_grad():
+        for xb, yb in loader:
+            logits = torch.stack([net(xb.to(device)) for net in mix.candidates]).cpu()
+            correct += (logits.argmax(-1) == yb).sum(-1)
+    return (100 * correct / len(loader.dataset)).tolist()
+
+
+def naive_round(genotypes, loaders, cfg, device):
+    mix = mixture(genotypes, device)
+    for _ in range(cfg.MAX_ALTERNATIONS):
+        naive_weights(mix, loaders[0], cfg, device)
+        naive_alpha(mix, loaders[1], cfg, device)
+    return naive_accuracy(mix, loaders[1], device)
+
+
+def naive_loaders(train, val, cfg):
+    return tuple(torch.utils.data.DataLoader(common.NaiveImages(split), batch_size=cfg.BATCH, shuffle=True)
+                 for split in (train, val))
+
+
+# ----------------------------------------------------------------------------- report
+def train_flop_per_image(genotypes, device):
+    """FLOP of one training image through the mixture (forward and backward), as torch counts them."""
+    mix = mixture(genotypes, device)
+    x, y = torch.rand(2, 1, 28, 28, device=device), torch.zeros(2, dtype=torch.long, device=device)
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(mix(x), y).backward()
+    return counter.get_total_flops() / len(x)
+
+
+def time_round(args, cfg, train, val):
+    """Median seconds of the round both ways, the label of where it ran, and its training FLOP per image;
+    with model_FUSE.main's cuDNN settings and THREADS."""
+    genotypes, loaders = candidates(cfg), naive_loaders(train, val, cfg)
+    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True), common.threads(cfg.THREADS):
+        seconds = common.alternate(
+            {"ours": lambda: model_FUSE.run_round(genotypes, train, val, 2, cfg, args.device, SEED),
+             "naive": lambda: naive_round(genotypes, loaders, cfg, args.device)},
+            args.repeats, args.device, warmup=not args.smoke)
+        return seconds, common.device_name(args.device), train_flop_per_image(genotypes, args.device)
+
+
+def main(argv=None):
+    args = arguments(argv)
+    peak = common.roofline(args.device, args.smoke)
+    cfg = round_config(args)
+    train, val = load_splits(args, cfg)
+    seconds, device, flop = time_round(args, cfg, train, val)
+    weight_flop = cfg.MAX_ALTERNATIONS * cfg.W_EPOCHS * len(train.x) * flop
+    rows = [dict(variant=v, images=len(train.x), val_images=len(val.x), alternations=cfg.MAX_ALTERNATIONS,
+                 w_epochs=cfg.W_EPOCHS, alpha_epochs=cfg.ALPHA_EPOCHS, candidates=cfg.CANDIDATES, C=cfg.C,
+                 N=cfg.N, batch=cfg.BATCH, repeats=args.repeats, median_s=s,
+                 speedup_vs_naive=seconds["naive"] / s, train_flop_per_image=flop,
+                 **common.share(weight_flop, s, peak), **common.context(args.device, peak, device))
+            for v, s in seconds.items()]
+    return common.save(rows, "step3", args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""The benchmarks' smoke sizes: each runs, writes its CSV with the expected columns and positive figures."""
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_pipeline  # noqa: E402
+import bench_step1  # noqa: E402
+import bench_step2  # noqa: E402
+import bench_step3  # noqa: E402
+import common  # noqa: E402
+from models import BaseCNN  # noqa: E402
+
+
+def run(bench, out, name):
+    bench.main(["--size=smoke", f"--out={out}"])
+    return pd.read_csv(out / f"{name}.csv")
+
+
+def assert_positive(frame, columns):
+    assert set(columns) <= set(frame.columns), sorted(frame.columns)
+    assert (frame[columns] > 0).all().all(), frame[columns]
+
+
+def test_step1_compares_ours_with_naive_and_profiles_a_batch(tmp_path):
+    table = run(bench_step1, tmp_path, "step1")
+    assert table["variant"].tolist() == ["ours", "naive"]
+    assert_positive(table, ["images", "median_s", "images_per_s", "speedup_vs_naive", "epoch_s_projected",
+                            "flop_per_image", "gflops", "roofline_pct", "roofline_gflops"])
+    assert table["speedup_vs_naive"].iloc[1] == 1
+    profile = pd.read_csv(tmp_path / "step1_profile.csv")
+    assert set(profile["phase"]) == {"data", "forward", "backward", "optimizer"}
+    assert_positive(profile, ["ms_per_batch", "share_pct"])
+    assert profile.groupby("variant")["share_pct"].sum().round(6).eq(100).all()
+
+
+def test_step2_times_every_phase_of_a_pair(tmp_path):
+    table = run(bench_step2, tmp_path, "step2")
+    phases = table[table["phase"] != "total"]
+    assert sorted(set(phases["phase"])) == ["extract", "sweep", "train"]
+    assert_positive(phases, ["units", "median_s", "us_per_unit", "speedup_vs_naive", "projected_paper_s",
+                             "gflops", "roofline_pct"])
+    totals = table[table["phase"] == "total"].set_index("variant")
+    assert totals.loc["ours", "median_s"] == pytest.approx(phases[phases["variant"] == "ours"]["median_s"].sum())
+
+
+def test_step3_times_one_round_both_ways(tmp_path):
+    table = run(bench_step3, tmp_path, "step3")
+    assert table["variant"].tolist() == ["ours", "naive"]
+    assert_positive(table, ["images", "val_images", "candidates", "median_s", "speedup_vs_naive",
+                            "train_flop_per_image", "gflops", "roofline_pct"])
+
+
+def test_pipeline_runs_and_projects_each_step(tmp_path):
+    table = run(bench_pipeline, tmp_path, "pipeline")
+    assert table["script"].tolist() == ["train_task.py", "prune_transform.py", "model_FUSE.py"]
+    assert_positive(table, ["wall_s", "peak_rss_mib", "projected_s"])
+    assert (table["projected_s"] > table["wall_s"]).all()  # the smoke preset's whole steps are more than a unit
+
+
+def test_analytic_flop_count_matches_torchs_count():
+    model, x = BaseCNN(2), torch.rand(1, 1, 28, 28)
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(x), torch.zeros(1, dtype=torch.long)).backward()
+    # torch skips the input gradient of the first convolution, which the 3x rule counts
+    assert bench_step1.flop_per_image() == pytest.approx(counter.get_total_flops(), rel=0.02)
+
+
+def test_child_peak_memory_is_that_child_s_own(tmp_path):
+    big = [sys.executable, "-c", "x = b'1' * (300 * 2**20)"]  # written, so resident
+    small = [sys.executable, "-c", "pass"]
+    assert common.run_child(big, tmp_path / "big.log")[1] > 300
+    assert common.run_child(small, tmp_path / "small.log")[1] < 100
