@@ -165,7 +165,7 @@ def pair_name(source, target):
 
 
 def plot_heatmap(matrix, path, title):
-    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * matrix.shape[1], 1.0 + 0.6 * matrix.shape[0]))
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.5 + 0.75 * matrix.shape[1]), max(3.0, 1.0 + 0.6 * matrix.shape[0])))
     image = ax.imshow(matrix.to_numpy(dtype=float), cmap="viridis", vmin=0, vmax=100)
     ax.set_xticks(range(matrix.shape[1]), matrix.columns, rotation=45, ha="right")
     ax.set_yticks(range(matrix.shape[0]), matrix.index)
@@ -178,7 +178,7 @@ def plot_heatmap(matrix, path, title):
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="d(A → B): % of transfer-net parameters kept")
     fig.tight_layout()
-    utils.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    utils.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight"))
     plt.close(fig)
 
 
