@@ -65,19 +65,7 @@ def naive(train, device):
     model = fresh_model(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     loader = naive_loader(train)
-
-    def epoch():
-        model.train()
-        running = 0.0
-        for xb, yb in loader:
-            xb, yb = xb.to(device), yb.to(device)
-            optimizer.zero_grad()
-            loss = F.cross_entropy(model(xb), yb)
-            loss.backward()
-            optimizer.step()
-            running += loss.item()
-        return running
-    return epoch
+    return lambda: common.naive_epoch(model, optimizer, loader, F.cross_entropy, device)
 
 
 def profile(batches, model, optimizer, device):

@@ -111,16 +111,8 @@ def naive_extract(loaders, networks, device):
 
 
 def naive_fit(net, optimizer, loader, epochs, device):
-    net.train()
     for _ in range(epochs):
-        running = 0.0
-        for xs, xt in loader:
-            xs, xt = xs.to(device), xt.to(device)
-            optimizer.zero_grad()
-            loss = F.mse_loss(net(xs), xt)
-            loss.backward()
-            optimizer.step()
-            running += loss.item()
+        common.naive_epoch(net, optimizer, loader, F.mse_loss, device)
 
 
 def naive_score(net, head, loader, device):

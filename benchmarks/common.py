@@ -201,3 +201,17 @@ def save(rows, name, out):
     with pd.option_context("display.width", 200, "display.max_columns", None):
         print(f"\n{name} ({path}):\n{frame.to_string(index=False, float_format='{:.4g}'.format)}")
     return frame
+
+
+def naive_epoch(model, optimizer, loader, loss_fn, device):
+    """The usual training loop: DataLoader batches moved to the device, the loss read every batch."""
+    model.train()
+    running = 0.0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        optimizer.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        running += loss.item()
+    return running
