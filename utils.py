@@ -1,6 +1,7 @@
 """Shared helpers of the three scripts: configuration, tasks, data, training, metrics, checkpoints."""
 import ast
 import contextlib
+import ctypes
 import gzip
 import hashlib
 import logging
@@ -174,6 +175,27 @@ def environment(device):
     return env
 
 
+# glibc serves every allocation over 32 MB from fresh mmap pages and unmaps it on free, so each
+# training step of the base CNN (its 25,088 x 1,024 gradient is 98 MB) faulted in and zeroed about
+# 100 MB in the kernel: a fifth of the step. From the heap, with up to 1 GiB of freed memory kept,
+# the next step reuses the same pages. The defaults are glibc's documented ones.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_HEAP_REUSE = {True: (0, 1 << 30), False: (65536, 128 * 1024)}  # (mmap max, trim threshold)
+
+
+def keep_freed_memory(enabled=True):
+    """Make glibc's malloc keep and reuse large freed blocks (or restore its defaults); True where
+    it applied (Linux with glibc), False elsewhere, where the allocator is left as it is."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    mmap_max, trim_threshold = _HEAP_REUSE[enabled]
+    applied = libc.mallopt(_M_MMAP_MAX, mmap_max) and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
+    if not enabled:
+        libc.malloc_trim(0)  # hand back what was kept, as if the defaults had always been in force
+    return bool(applied)
+
+
 def start_run(script, cfg, device):
     """A logger that writes to the console and to CKPT_DIR/logs/<script>.log, with the run's header."""
     log_dir = Path(cfg.CKPT_DIR) / "logs"
@@ -192,6 +214,8 @@ def start_run(script, cfg, device):
     log.info("=== %s, preset %s", script, cfg.PRESET)
     log.info("config: %s", vars(cfg))
     log.info("environment: %s", environment(device))
+    if keep_freed_memory():
+        log.info("malloc: large freed blocks kept for reuse (glibc)")
     return log
 
 

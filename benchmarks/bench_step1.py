@@ -83,7 +83,7 @@ def profile(batches, model, optimizer, device):
         spent["data"] += tick - start
         spent["forward"] += time.perf_counter() - tick
         spent["backward"] += common.timed(loss.backward, device)
-        spent["optimizer"] += common.timed(lambda: (optimizer.zero_grad(), optimizer.step()), device)
+        spent["optimizer"] += common.timed(lambda: (optimizer.step(), optimizer.zero_grad()), device)
         start = time.perf_counter()
     return spent
 
@@ -95,6 +95,7 @@ def profile_rows(train, device, batches):
     for variant, source, make_optimizer in (
             ("ours", ours_batches, lambda m: utils.adam(m.parameters(), LR, device)),
             ("naive", naive_loader(train), lambda m: torch.optim.Adam(m.parameters(), lr=LR))):
+        common.allocator_for(variant)
         model = fresh_model(device)
         spent = profile(source, model, make_optimizer(model), device)
         total = sum(spent.values())

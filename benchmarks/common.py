@@ -93,14 +93,22 @@ def timed(fn, device):
     return time.perf_counter() - start
 
 
+def allocator_for(variant):
+    """Give malloc the settings a variant has on its own: the scripts' (utils.start_run keeps large
+    freed blocks for reuse) for ours, glibc's defaults for the naive way."""
+    utils.keep_freed_memory(variant != "naive")
+
+
 def alternate(variants, repeats, device, warmup=True):
     """Median seconds of each variant: a warm-up run each, then `repeats` rounds of all in turn,
     so a change in the machine's load hits every variant alike."""
-    for fn in variants.values() if warmup else ():
+    for name, fn in variants.items() if warmup else ():
+        allocator_for(name)
         fn()
     times = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
+            allocator_for(name)
             times[name].append(timed(fn, device))
     return {name: statistics.median(t) for name, t in times.items()}
 
