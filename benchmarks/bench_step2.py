@@ -174,10 +174,13 @@ def units(cfg, n_train, n_val):
 
 
 def flop_per_unit():
-    """FLOP of one unit of each phase: an encoder forward; a transfer-net training step (3x its forward)."""
-    transfer = sum(2 * m.weight.numel() for m in TransferNet().weight_layers())  # forward of one sample
-    encoder = common.base_cnn_forward_flop() - 2 * 1024 * 2                       # without the head
-    return {"extract": encoder, "train": 3 * transfer, "sweep": 3 * transfer}
+    """FLOP of one unit of each phase: an encoder forward; a transfer-net training step (its forward,
+    the weight gradients, and the input gradients of every layer but the first: features need none)."""
+    layers = TransferNet().weight_layers()
+    forward = sum(2 * m.weight.numel() for m in layers)          # one sample
+    train = 3 * forward - 2 * layers[0].weight.numel()
+    encoder = common.base_cnn_forward_flop() - 2 * 1024 * 2      # without the head
+    return {"extract": encoder, "train": train, "sweep": train}
 
 
 def rows(seconds, args, data, peak):
