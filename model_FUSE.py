@@ -13,6 +13,7 @@ Reads step 2's CKPT_DIR/distances/closest.json; writes under CKPT_DIR/search/:
   <target>/rows/<row>.json|_seedS.pt  each comparison row retrained from scratch, scored on test
   <target>/table.csv, table.md, error_vs_params.png
 """
+import contextlib
 import hashlib
 import json
 import math
@@ -179,12 +180,48 @@ def make_optimizer(name, params, lr, device):
 
 
 # ----------------------------------------------------------------------------- one FUSE round
+@contextlib.contextmanager
+def running_stats_frozen(model):
+    """Batch norm in training mode that normalises by the batch but leaves its running statistics."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+
+
+def mixture_step(mix, optimizer, xb, yb, loss_fn):
+    """A weight step on the mixture's loss with one candidate's graph in memory at a time.
+
+    One backward through the whole mixture holds every candidate's activations at once (4.9 GB for
+    three candidates at C=64, N=3, batch 128). The loss reaches a candidate only through its logits,
+    so: all logits without graphs (batch norm's running statistics updated here, once), the loss's
+    gradient for each candidate's logits, then each candidate again with its graph and backward from
+    that gradient. The same gradients, for one more forward pass per candidate.
+    """
+    with torch.no_grad():
+        logits = torch.stack([net(xb) for net in mix.candidates])
+    logits.requires_grad_(True)
+    loss = loss_fn(mix.combine(logits), yb)
+    (grads,) = torch.autograd.grad(loss, logits)
+    optimizer.zero_grad(set_to_none=True)
+    with running_stats_frozen(mix):
+        for net, grad in zip(mix.candidates, grads):
+            net(xb).backward(grad)
+    optimizer.step()
+    return loss.detach()
+
+
 def train_weights(mix, train, cfg, device, generator, bar=None):
     """(i) W_EPOCHS of every candidate's weights on the training split, α frozen."""
     mix.alpha.requires_grad_(False)
     optimizer = make_optimizer(cfg.W_OPTIMIZER, mix.candidate_parameters(), cfg.W_LR, device)
     for _ in range(cfg.W_EPOCHS):
-        utils.train_epoch(mix, optimizer, train.x, train.y, cfg.BATCH, generator, device, progress=bar)
+        utils.train_epoch(mix, optimizer, train.x, train.y, cfg.BATCH, generator, device, progress=bar,
+                          step=mixture_step)
     mix.alpha.requires_grad_(True)
 
 

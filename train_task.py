@@ -58,6 +58,8 @@ def main(argv=None):
     cfg = utils.configure(globals(), argv)
     device = utils.get_device(cfg.DEVICE)
     log = utils.start_run("train_task", cfg, device)
+    if utils.keep_freed_memory():
+        log.info("malloc: large freed blocks kept for reuse (glibc)")
     config = utils.result_config(cfg)
     rows = []
     for name in cfg.TASKS:

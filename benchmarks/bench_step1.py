@@ -49,11 +49,13 @@ def fresh_model(device):
 
 
 def ours(train, device):
-    """A run of train_task.train_network's epoch loop over the images."""
+    """A run of train_task.train_network's epoch loop over the images, with malloc as train_task.py
+    sets it (large freed blocks kept for reuse)."""
     model = fresh_model(device)
     optimizer = utils.adam(model.parameters(), LR, device)
     generator = torch.Generator().manual_seed(0)
-    return lambda: utils.train_epoch(model, optimizer, train.x, train.y, BATCH, generator, device)
+    return lambda: (utils.keep_freed_memory(True),
+                    utils.train_epoch(model, optimizer, train.x, train.y, BATCH, generator, device))
 
 
 def naive_loader(train):
@@ -65,7 +67,8 @@ def naive(train, device):
     model = fresh_model(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     loader = naive_loader(train)
-    return lambda: common.naive_epoch(model, optimizer, loader, F.cross_entropy, device)
+    return lambda: (utils.keep_freed_memory(False),  # glibc's defaults, as in any other program
+                    common.naive_epoch(model, optimizer, loader, F.cross_entropy, device))
 
 
 def profile(batches, model, optimizer, device):
@@ -95,7 +98,7 @@ def profile_rows(train, device, batches):
     for variant, source, make_optimizer in (
             ("ours", ours_batches, lambda m: utils.adam(m.parameters(), LR, device)),
             ("naive", naive_loader(train), lambda m: torch.optim.Adam(m.parameters(), lr=LR))):
-        common.allocator_for(variant)
+        utils.keep_freed_memory(variant == "ours")
         model = fresh_model(device)
         spent = profile(source, model, make_optimizer(model), device)
         total = sum(spent.values())

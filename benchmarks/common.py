@@ -93,22 +93,14 @@ def timed(fn, device):
     return time.perf_counter() - start
 
 
-def allocator_for(variant):
-    """Give malloc the settings a variant has on its own: the scripts' (utils.start_run keeps large
-    freed blocks for reuse) for ours, glibc's defaults for the naive way."""
-    utils.keep_freed_memory(variant != "naive")
-
-
 def alternate(variants, repeats, device, warmup=True):
     """Median seconds of each variant: a warm-up run each, then `repeats` rounds of all in turn,
     so a change in the machine's load hits every variant alike."""
-    for name, fn in variants.items() if warmup else ():
-        allocator_for(name)
+    for fn in variants.values() if warmup else ():
         fn()
     times = {name: [] for name in variants}
     for _ in range(repeats):
         for name, fn in variants.items():
-            allocator_for(name)
             times[name].append(timed(fn, device))
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -116,8 +108,8 @@ def alternate(variants, repeats, device, warmup=True):
 def roofline(device, smoke):
     """fp32 matmul FLOP/s of this machine: median of timed torch.mm of square matrices (2n^3 FLOP)."""
     n = 1024 if smoke else 4096  # smaller products measure scheduling, not arithmetic
-    a, b = (torch.randn(n, n, device=device) for _ in range(2))
-    seconds = alternate({"mm": lambda: torch.mm(a, b)}, 3 if smoke else 10, device)["mm"]
+    a, b, c = (torch.randn(n, n, device=device) for _ in range(3))
+    seconds = alternate({"mm": lambda: torch.mm(a, b, out=c)}, 3 if smoke else 10, device)["mm"]  # no allocation timed
     flops = 2 * n ** 3 / seconds
     print(f"roofline: fp32 matmul {n}x{n} on {device_name(device)}, {flops / 1e9:.1f} GFLOP/s")
     return flops

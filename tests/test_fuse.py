@@ -9,7 +9,7 @@ import torch
 
 import model_FUSE
 import utils
-from models import Genotype, standard_space
+from models import FuseMixture, Genotype, build_network, standard_space
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -56,6 +56,28 @@ def test_alpha_settles_within_the_tolerance():
     train, val = brightness_splits(32, 16)
     record = model_FUSE.run_round([CAN_LEARN, CANNOT_LEARN], train, val, 2, cfg, torch.device("cpu"), seed=0)
     assert record["settled"] and record["alternations"] == 1
+
+
+def test_mixture_step_matches_one_backward_through_the_mixture():
+    """One candidate's graph at a time gives the same weights and batch-norm statistics."""
+    genotypes = [Genotype(ops, 3, 4, 1) for ops in (("sep_conv_3x3", "skip_connect", "sep_conv_5x5"),
+                                                     ("dil_conv_3x3", "max_pool_3x3", "conv_7x1_1x7"))]
+    mixtures = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        mix = FuseMixture([build_network(g, 2) for g in genotypes]).train()
+        mix.alpha.data = torch.tensor([0.3, -0.2])
+        mix.alpha.requires_grad_(False)
+        mixtures.append(mix)
+    train = brightness_splits(16)[0]
+    losses = []
+    for mix, step in zip(mixtures, (utils.train_step, model_FUSE.mixture_step)):
+        optimizer = torch.optim.SGD(mix.candidate_parameters(), lr=0.1)
+        losses.append([float(step(mix, optimizer, train.x, train.y, torch.nn.functional.cross_entropy)) for _ in range(3)])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    for (name, a), b in zip(mixtures[0].state_dict().items(), mixtures[1].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert all(m.track_running_stats for m in mixtures[1].modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
 def test_search_takes_only_training_and_validation_data():
