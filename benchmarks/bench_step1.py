@@ -49,13 +49,13 @@ def fresh_model(device):
 
 
 def ours(train, device):
-    """A run of train_task.train_network's epoch loop over the images, with malloc as train_task.py
-    sets it (large freed blocks kept for reuse)."""
+    """A run of train_task.train_network's epoch loop over the images; malloc set as train_task.py
+    sets it (large freed blocks kept for reuse), so this runs in a common.Worker of its own."""
+    utils.keep_freed_memory()
     model = fresh_model(device)
     optimizer = utils.adam(model.parameters(), LR, device)
     generator = torch.Generator().manual_seed(0)
-    return lambda: (utils.keep_freed_memory(True),
-                    utils.train_epoch(model, optimizer, train.x, train.y, BATCH, generator, device))
+    return lambda: utils.train_epoch(model, optimizer, train.x, train.y, BATCH, generator, device)
 
 
 def naive_loader(train):
@@ -63,12 +63,12 @@ def naive_loader(train):
 
 
 def naive(train, device):
-    """The usual loop: DataLoader batches moved to the device, the running loss read every batch."""
+    """The usual loop: DataLoader batches moved to the device, the running loss read every batch;
+    in the benchmark's own process, with glibc's default malloc."""
     model = fresh_model(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     loader = naive_loader(train)
-    return lambda: (utils.keep_freed_memory(False),  # glibc's defaults, as in any other program
-                    common.naive_epoch(model, optimizer, loader, F.cross_entropy, device))
+    return lambda: common.naive_epoch(model, optimizer, loader, F.cross_entropy, device)
 
 
 def profile(batches, model, optimizer, device):
@@ -91,19 +91,27 @@ def profile(batches, model, optimizer, device):
     return spent
 
 
-def profile_rows(train, device, batches):
+def profile_ours(train, device):
+    utils.keep_freed_memory()
     generator = torch.Generator().manual_seed(0)
-    ours_batches = ((train.x[i], train.y[i]) for i in utils.batches(len(train.x), BATCH, True, generator))
+    model = fresh_model(device)
+    batches = ((train.x[i], train.y[i]) for i in utils.batches(len(train.x), BATCH, True, generator))
+    return lambda: profile(batches, model, utils.adam(model.parameters(), LR, device), device)
+
+
+def profile_naive(train, device):
+    model = fresh_model(device)
+    return lambda: profile(naive_loader(train), model, torch.optim.Adam(model.parameters(), lr=LR), device)
+
+
+def profile_rows(train, device, batches):
     rows = []
-    for variant, source, make_optimizer in (
-            ("ours", ours_batches, lambda m: utils.adam(m.parameters(), LR, device)),
-            ("naive", naive_loader(train), lambda m: torch.optim.Adam(m.parameters(), lr=LR))):
-        utils.keep_freed_memory(variant == "ours")
-        model = fresh_model(device)
-        spent = profile(source, model, make_optimizer(model), device)
-        total = sum(spent.values())
-        rows += [dict(variant=variant, phase=phase, ms_per_batch=1000 * s / batches, share_pct=100 * s / total)
-                 for phase, s in spent.items()]
+    with common.Worker(profile_ours, train, device) as ours_profile:
+        for variant, run in (("ours", ours_profile), ("naive", profile_naive(train, device))):
+            spent = run()
+            total = sum(spent.values())
+            rows += [dict(variant=variant, phase=phase, ms_per_batch=1000 * s / batches, share_pct=100 * s / total)
+                     for phase, s in spent.items()]
     return rows
 
 
@@ -121,8 +129,9 @@ def main(argv=None):
     args = arguments(argv)
     peak = common.roofline(args.device, args.smoke)
     train, epoch_images = load_images(args)
-    seconds = common.alternate({"ours": ours(train, args.device), "naive": naive(train, args.device)},
-                               args.repeats, args.device, warmup=not args.smoke)
+    with common.Worker(ours, train, args.device) as ours_epoch:
+        seconds = common.alternate({"ours": ours_epoch, "naive": naive(train, args.device)},
+                                   args.repeats, args.device, warmup=not args.smoke)
     table = common.save(rows(seconds, len(train.x), epoch_images, args, peak), "step1", args.out)
     common.save(profile_rows(train, args.device, args.batches), "step1_profile", args.out)
     return table

@@ -2,10 +2,12 @@
 and peak memory of a child process, and CSV output."""
 import argparse
 import contextlib
+import multiprocessing
 import statistics
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import pandas as pd
@@ -132,6 +134,44 @@ def share(flop, seconds, peak):
 
 
 # ----------------------------------------------------------------------------- child processes
+def _serve(conn, factory, args):
+    fn = factory(*args)
+    while conn.recv():
+        try:
+            conn.send((True, fn()))
+        except Exception:  # the parent raises it with the child's traceback
+            conn.send((False, traceback.format_exc()))
+
+
+class Worker:
+    """fn = factory(*args) in a spawned process of its own, called on each call of the Worker.
+
+    Malloc settings are process-wide and setting any of them ends glibc's own tuning for good, so a
+    variant that changes them runs here, and the variant it is compared with keeps a default process.
+    """
+
+    def __init__(self, factory, *args):
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_serve, args=(child, factory, args), daemon=True)
+        self.process.start()
+
+    def __call__(self):
+        self.conn.send(True)
+        ok, result = self.conn.recv()
+        if not ok:
+            raise RuntimeError(f"worker process failed:\n{result}")
+        return result
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.conn.send(False)
+        self.process.join()
+
+
+
 # Linux starts a forked child's peak RSS at its parent's size, so a benchmark holding a model would
 # inflate the figure: a fresh, small Python starts the command and writes the command's own peak
 # (KiB on Linux, bytes on macOS) and exit status to the file named by its first argument.
