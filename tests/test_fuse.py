@@ -73,7 +73,8 @@ def test_mixture_step_matches_one_backward_through_the_mixture():
     losses = []
     for mix, step in zip(mixtures, (utils.train_step, model_FUSE.mixture_step)):
         optimizer = torch.optim.SGD(mix.candidate_parameters(), lr=0.1)
-        losses.append([float(step(mix, optimizer, train.x, train.y, torch.nn.functional.cross_entropy)) for _ in range(3)])
+        loss_fn = torch.nn.functional.cross_entropy
+        losses.append([float(step(mix, optimizer, train.x, train.y, loss_fn)) for _ in range(3)])
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     for (name, a), b in zip(mixtures[0].state_dict().items(), mixtures[1].state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
