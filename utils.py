@@ -179,23 +179,18 @@ def environment(device):
 # training step of the base CNN (its 25,088 x 1,024 gradient is 98 MB) faulted in and zeroed about
 # 100 MB in the kernel: a fifth of the step. From the heap, with up to 1 GiB of freed memory kept,
 # the next step reuses the same pages. Only step 1 asks for it: its allocations repeat exactly, while
-# step 3's varied ones fragment a heap that cannot shrink (a 4 GB peak grew to 17 GB). The defaults
-# are glibc's documented ones.
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_HEAP_REUSE = {True: (0, 1 << 30), False: (65536, 128 * 1024)}  # (mmap max, trim threshold)
+# step 3's varied ones fragment a heap that cannot shrink (a 4 GB peak grew to 17 GB).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
 
 
-def keep_freed_memory(enabled=True):
-    """Make glibc's malloc keep and reuse large freed blocks (or restore its defaults); True where
-    it applied (Linux with glibc), False elsewhere, where the allocator is left as it is."""
+def keep_freed_memory():
+    """Make glibc's malloc serve large blocks from the heap and keep up to 1 GiB freed for reuse, for
+    the rest of the process (any mallopt call also ends glibc's own tuning); True where it applied
+    (Linux with glibc), False elsewhere, where the allocator is left as it is."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL("libc.so.6")
-    mmap_max, trim_threshold = _HEAP_REUSE[enabled]
-    applied = libc.mallopt(_M_MMAP_MAX, mmap_max) and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold)
-    if not enabled:
-        libc.malloc_trim(0)  # hand back what was kept, as if the defaults had always been in force
-    return bool(applied)
+    return bool(libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
 def start_run(script, cfg, device):

@@ -111,7 +111,8 @@ def roofline(device, smoke):
     """fp32 matmul FLOP/s of this machine: median of timed torch.mm of square matrices (2n^3 FLOP)."""
     n = 1024 if smoke else 4096  # smaller products measure scheduling, not arithmetic
     a, b, c = (torch.randn(n, n, device=device) for _ in range(3))
-    seconds = alternate({"mm": lambda: torch.mm(a, b, out=c)}, 3 if smoke else 10, device)["mm"]  # no allocation timed
+    # into a preallocated output: allocation is not timed
+    seconds = alternate({"mm": lambda: torch.mm(a, b, out=c)}, 3 if smoke else 10, device)["mm"]
     flops = 2 * n ** 3 / seconds
     print(f"roofline: fp32 matmul {n}x{n} on {device_name(device)}, {flops / 1e9:.1f} GFLOP/s")
     return flops
@@ -169,7 +170,6 @@ class Worker:
     def __exit__(self, *exc):
         self.conn.send(False)
         self.process.join()
-
 
 
 # Linux starts a forked child's peak RSS at its parent's size, so a benchmark holding a model would
