@@ -15,7 +15,6 @@ Reads step 2's CKPT_DIR/distances/closest.json; writes under CKPT_DIR/search/:
 """
 import contextlib
 import hashlib
-import json
 import math
 import random
 import time
@@ -23,19 +22,16 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-import utils  # noqa: E402
-from models.baselines import build_baseline  # noqa: E402  (torchvision: only this step needs it)
-from models import (FuseMixture, Genotype, build_network, count_parameters,  # noqa: E402
+import utils
+from models.baselines import build_baseline  # torchvision: only this step needs it
+from models import (FuseMixture, Genotype, build_network, count_parameters,
                     operations, sample_distinct, sample_genotype, space_size, standard_space,
                     task_aware_space)
 
@@ -50,7 +46,7 @@ PAPER_ROWS = {
 }
 ROW_SEARCH = {"fuse_task_aware": "task_aware", "fuse_standard": "standard", "random": "random"}
 
-PRESET = "quick"          # smoke | quick | paper (utils.PRESETS); a preset overrides the constants below
+PRESET = ""               # "" = the constants below as written; or a name from PRESETS (paper, smoke)
 DATA_DIR = "data"         # full CSVs here; without them the bundled sample in data/sample is used
 CKPT_DIR = "checkpoints"
 DEVICE = "auto"           # auto = cuda, then mps, then cpu
@@ -62,41 +58,54 @@ K = 3                     # closest base tasks whose genotypes make the task-awa
 VAL_FRACTION = 0.1        # as in steps 1-2; α is trained on this validation split, never on test
 TRAIN_LIMIT = 0           # load at most this many training images (0 = the whole training split)
 EVAL_LIMIT = 0            # at most this many validation / test images (0 = all)
-SEARCH_LIMIT = 0          # FUSE and random search train weights on at most this many of them (0 = all)
+SEARCH_LIMIT = 1000       # FUSE and random search train weights on at most this many of them (paper: 0 = all)
 NODES = 3                 # nodes of a cell (the paper's example cell: 3)
-C = 64                    # channels of the first stage; C=64, N=3 gives about 1.7 M parameters
-N = 3                     # cells per stage (3 stages, 2 reductions)
+C = 8                     # channels of the first stage (paper: 64; C=64, N=3 gives about 1.7 M parameters)
+N = 1                     # cells per stage, 3 stages and 2 reductions (paper: 3)
 CANDIDATES = 3            # networks per round, the incumbent included (released code: 3)
-ROUNDS = 10               # rounds of the target's search (released code: 10)
-BASE_ROUNDS = 10          # rounds of a base task's search, for the dictionary
-W_EPOCHS = 5              # (i) epochs of weight training per alternation (released code: 5)
+ROUNDS = 3                # rounds of the target's search (released code: 10)
+BASE_ROUNDS = 2           # rounds of a base task's search, for the dictionary (paper preset: 10)
+W_EPOCHS = 1              # (i) epochs of weight training per alternation (released code: 5)
 ALPHA_EPOCHS = 5          # (ii) epochs of α training per alternation (released code: 5, on test)
 ALPHA_TOL = 1e-3          # stop alternating once no softmax(α) weight moved more than this ...
-MAX_ALTERNATIONS = 5      # ... or after this many alternations (released code: always 5)
+MAX_ALTERNATIONS = 3      # ... or after this many alternations (released code: always 5)
 W_OPTIMIZER = "adam"      # adam | sgd (momentum 0.9); released code: Adam, default lr, new every alternation
 W_LR = 1e-3
 ALPHA_OPTIMIZER = "adam"  # adam | sgd (momentum 0.9); released code: Adam, default lr, new every alternation
 ALPHA_LR = 1e-3
-BATCH = 128               # batch of weight, α and final training (released code: 128)
-FINAL_EPOCHS = 10         # every row is retrained from scratch this long (released code: 10, Adam)
+BATCH_SIZE = 32           # batch of weight, α and final training (released code: 128; 32 gives tiny budgets
+                          # 4x the steps on the same images)
+FINAL_EPOCHS = 3          # every row is retrained from scratch this long (released code: 10, Adam)
 FINAL_LR = 1e-3
-FINAL_LIMIT = 0           # retrain on at most this many training images (0 = all)
+FINAL_LIMIT = 1000        # retrain on at most this many training images (paper: 0 = all)
 FINAL_SEEDS = [0]         # one retraining per seed; the table gives the mean (the paper: one run)
-ROWS = list(PAPER_ROWS)   # comparison rows to run, from PAPER_ROWS
+ROWS = ["fuse_task_aware", "fuse_standard", "random", "resnet18"]  # comparison rows to run, from PAPER_ROWS
+                          # (paper: all six; ResNet-34 and DenseNet-161 take many minutes an epoch on a CPU)
 EVAL_BATCH = 1000         # images per forward pass when evaluating (speed only)
-THREADS = 0               # CPU threads (0 = torch's default); 1 spares small networks OpenMP's waits on a
+THREADS = 1               # CPU threads (0 = torch's default); 1 spares small networks OpenMP's waits on a
                           # busy machine (speed only, though the last bits of results may depend on it)
+
+# named sets of constants (--PRESET=name); precedence: the constants above < the preset < --NAME=value
+PRESETS = {
+    # the authors' budgets (released code), on whatever data is in DATA_DIR
+    "paper": dict(TRAIN_LIMIT=0, EVAL_LIMIT=0, SEARCH_LIMIT=0, FINAL_LIMIT=0, NODES=3, C=64, N=3, CANDIDATES=3,
+                  ROUNDS=10, BASE_ROUNDS=10, W_EPOCHS=5, ALPHA_EPOCHS=5, MAX_ALTERNATIONS=5, BATCH_SIZE=128,
+                  FINAL_EPOCHS=10, ROWS=list(PAPER_ROWS), THREADS=0),
+    # the tests: seconds
+    "smoke": dict(TRAIN_LIMIT=400, EVAL_LIMIT=200, C=4, CANDIDATES=2, ROUNDS=2, BASE_ROUNDS=1, ALPHA_EPOCHS=1,
+                  MAX_ALTERNATIONS=2, FINAL_EPOCHS=1),
+}
 
 # the constants a search's result depends on: rounds, dictionary entries and random trials are
 # reused when these match (TARGET, ROWS and the final budget do not change a search)
 SEARCH_KEYS = frozenset({"SEED", "VAL_FRACTION", "TRAIN_LIMIT", "EVAL_LIMIT", "SEARCH_LIMIT", "NODES",
                          "C", "N", "CANDIDATES", "W_EPOCHS", "ALPHA_EPOCHS", "ALPHA_TOL",
-                         "MAX_ALTERNATIONS", "W_OPTIMIZER", "W_LR", "ALPHA_OPTIMIZER", "ALPHA_LR", "BATCH"})
-FINAL_KEYS = frozenset({"SEED", "VAL_FRACTION", "TRAIN_LIMIT", "EVAL_LIMIT", "BATCH", "FINAL_EPOCHS",
-                        "FINAL_LR", "FINAL_LIMIT", "FINAL_SEEDS"})
+                         "MAX_ALTERNATIONS", "W_OPTIMIZER", "W_LR", "ALPHA_OPTIMIZER", "ALPHA_LR", "BATCH_SIZE"})
+FINAL_KEYS = frozenset({"SEED", "VAL_FRACTION", "TRAIN_LIMIT", "EVAL_LIMIT", "BATCH_SIZE", "FINAL_EPOCHS",
+                        "FINAL_LR", "FINAL_LIMIT"})
 OPTIMIZERS = frozenset({"adam", "sgd"})
 AT_LEAST_ONE = frozenset({"K", "C", "N", "CANDIDATES", "ROUNDS", "BASE_ROUNDS", "W_EPOCHS", "ALPHA_EPOCHS",
-                          "MAX_ALTERNATIONS", "BATCH", "FINAL_EPOCHS", "EVAL_BATCH"})
+                          "MAX_ALTERNATIONS", "BATCH_SIZE", "FINAL_EPOCHS", "EVAL_BATCH"})
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -124,27 +133,8 @@ def seed_of(*parts):
     return int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
 
 
-def plain(obj):
-    """obj as it reads back from JSON (tuples become lists), so stored and fresh configs compare."""
-    return json.loads(json.dumps(obj))
-
-
 def pick(cfg, keys):
     return {k: getattr(cfg, k) for k in sorted(keys)}
-
-
-def read_json(path, fix="delete it to have it remade"):
-    """A JSON file's content; None if the file is missing."""
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        return None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise utils.UserError(f"{path}: not valid JSON ({e}); {fix}")
-
-
-def write_json(path, payload):
-    utils.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
 
 
 def read_genotype(payload, path):
@@ -193,7 +183,7 @@ def running_stats_frozen(model):
             m.track_running_stats = True
 
 
-def mixture_step(mix, optimizer, xb, yb, loss_fn):
+def mixture_step(mix, optimizer, xb, yb, loss_fn, precision="fp32"):
     """A weight step on the mixture's loss with one candidate's graph in memory at a time.
 
     One backward through the whole mixture holds every candidate's activations at once (4.9 GB for
@@ -222,7 +212,7 @@ def train_weights(mix, train, cfg, device, generator, bar=None):
     mix.alpha.requires_grad_(False)
     optimizer = make_optimizer(cfg.W_OPTIMIZER, mix.candidate_parameters(), cfg.W_LR, device)
     for _ in range(cfg.W_EPOCHS):
-        utils.train_epoch(mix, optimizer, train.x, train.y, cfg.BATCH, generator, device, progress=bar,
+        utils.train_epoch(mix, optimizer, train.x, train.y, cfg.BATCH_SIZE, generator, device, progress=bar,
                           step=mixture_step)
     mix.alpha.requires_grad_(True)
 
@@ -240,7 +230,7 @@ def train_alpha(mix, val, cfg, device, generator):
     logits, y = candidate_logits(mix, val.x, cfg), val.y.to(device)
     optimizer = make_optimizer(cfg.ALPHA_OPTIMIZER, [mix.alpha], cfg.ALPHA_LR, device)
     for _ in range(cfg.ALPHA_EPOCHS):
-        for idx in utils.batches(len(y), cfg.BATCH, True, generator, device):
+        for idx in utils.batches(len(y), cfg.BATCH_SIZE, True, generator, device):
             loss = F.cross_entropy(mix.combine(logits[:, idx]), y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -253,11 +243,11 @@ def alternate(mix, train, val, cfg, device, generator, bar=None):
 
     Returns softmax(α) before and after every alternation, whether it settled, and the last val logits.
     """
-    trajectory = [mix.weights().cpu().tolist()]
+    trajectory = [mix.softmax_alpha().cpu().tolist()]
     while True:
         train_weights(mix, train, cfg, device, generator, bar)
         logits = train_alpha(mix, val, cfg, device, generator)
-        trajectory.append(mix.weights().cpu().tolist())
+        trajectory.append(mix.softmax_alpha().cpu().tolist())
         settled = max(abs(a - b) for a, b in zip(*trajectory[-2:])) < cfg.ALPHA_TOL
         if settled or len(trajectory) > cfg.MAX_ALTERNATIONS:
             return trajectory, settled, logits
@@ -296,7 +286,7 @@ class Search:
     num_classes: int
 
     def identity(self, cfg):
-        return plain(dict(pick(cfg, SEARCH_KEYS), task=self.task, data=self.data_id, space_name=self.space_name,
+        return utils.plain(dict(pick(cfg, SEARCH_KEYS), task=self.task, data=self.data_id, space_name=self.space_name,
                           space=self.space, first=self.first.to_json()))
 
 
@@ -318,7 +308,7 @@ def search_round(search, r, incumbent, train, val, cfg, device, log):
     record = dict(config=round_config(search, r, incumbent, cfg), round=r, task=search.task,
                   space=search.space_name, **result, seconds=time.perf_counter() - start,
                   device=device_label(device))
-    write_json(search.folder / f"round_{r:02d}.json", record)
+    utils.write_json(search.folder / f"round_{r:02d}.json", record)
     log.info("%s (%s) round %d: α %s after %d alternation(s) (%s), val accuracy %s, mixture %.2f %%; "
              "winner %s, %.1f s", search.task, search.space_name, r,
              [round(a, 4) for a in record["alpha"][-1]], record["alternations"],
@@ -339,8 +329,8 @@ def fuse_search(search, train, val, cfg, device, log):
     incumbent, records = search.first, []
     for r in tqdm(range(1, search.rounds + 1), desc=f"FUSE {search.task} ({search.space_name})", unit="round"):
         path = search.folder / f"round_{r:02d}.json"
-        record = read_json(path)
-        if record is None or record.get("config") != plain(round_config(search, r, incumbent, cfg)):
+        record = utils.load_current(path, round_config(search, r, incumbent, cfg), log)
+        if record is None:
             record = search_round(search, r, incumbent, train, val, cfg, device, log)
         incumbent = read_genotype(record["candidates"][record["winner"]], path)
         records.append(record)
@@ -348,7 +338,7 @@ def fuse_search(search, train, val, cfg, device, log):
                   config=dict(search.identity(cfg), rounds=search.rounds),
                   seconds=sum(r["seconds"] for r in records),
                   device=", ".join(sorted({r["device"] for r in records})), rounds=records)
-    write_json(search.folder / "result.json", result)
+    utils.write_json(search.folder / "result.json", result)
     plot_alpha(records, search.folder / "alpha.png", f"FUSE on {search.task}, {search.space_name} space")
     return result
 
@@ -367,10 +357,11 @@ def prune_command(cfg, targets):
             f"--DATA_DIR={cfg.DATA_DIR} --CKPT_DIR={cfg.CKPT_DIR}")
 
 
-def closest_tasks(cfg):
-    """The K base tasks closest to TARGET, from step 2's closest.json."""
+def closest_tasks(cfg, data, log):
+    """The K base tasks closest to TARGET, from step 2's closest.json, after checking that step 2
+    measured them on this target's data, split and seed."""
     path = Path(cfg.CKPT_DIR) / "distances" / "closest.json"
-    payload = read_json(path, f"remake it with: {prune_command(cfg, [])}")
+    payload = utils.read_saved(path, log)
     if payload is None:
         raise utils.UserError(f"no task distances: {path} is missing; measure them with: {prune_command(cfg, [])}")
     closest = payload.get("closest", {})
@@ -378,6 +369,15 @@ def closest_tasks(cfg):
         raise utils.UserError(f"{path} has no distances to target {cfg.TARGET!r} (only to "
                               f"{', '.join(closest) or 'no target'}); measure them with: "
                               f"{prune_command(cfg, list(closest))}")
+    made = payload.get("config", {})
+    for name in ("SEED", "VAL_FRACTION"):
+        if made.get(name) != getattr(cfg, name):
+            raise utils.UserError(f"{path} was made with {name}={made.get(name)!r}, this run has "
+                                  f"{name}={getattr(cfg, name)!r}; remake it with: {prune_command(cfg, list(closest))} "
+                                  f"--{name}={getattr(cfg, name)!r}")
+    if payload.get("data", {}).get(cfg.TARGET) != data.fingerprint:
+        raise utils.UserError(f"{path} measured {cfg.TARGET!r} on other data, labels or split than "
+                              f"{data.source}; remake it with: {prune_command(cfg, list(closest))}")
     ranked = closest[cfg.TARGET]
     if len(ranked) < cfg.K:
         raise utils.UserError(f"{path} ranks {len(ranked)} base task(s) for {cfg.TARGET!r} but K={cfg.K}: "
@@ -393,7 +393,7 @@ def dictionary_genotype(task, cfg, device, log):
     data = utils.load_task(task, cfg, log)
     search = standard_search(task, data, cfg.BASE_ROUNDS, path.with_suffix(""), cfg)
     config = dict(search.identity(cfg), rounds=cfg.BASE_ROUNDS)
-    entry = read_json(path)
+    entry = utils.read_saved(path, log)
     if entry is not None:
         genotype = read_genotype(entry.get("genotype") if isinstance(entry, dict) else entry, path)
         if genotype.nodes != cfg.NODES:
@@ -402,11 +402,11 @@ def dictionary_genotype(task, cfg, device, log):
         if "config" not in entry:
             log.info("%s: genotype %s given by hand in %s", task, "/".join(genotype.ops), path)
             return genotype, float("nan")
-        if entry["config"] == config:
+        if utils.made_with(entry, config):
             return genotype, entry["seconds"]
         log.info("%s: %s was searched with another config, searching again", task, path)
     result = fuse_search(search, limit(data.train, cfg.SEARCH_LIMIT), data.val, cfg, device, log)
-    write_json(path, dict(task=task, genotype=result["genotype"], config=config,
+    utils.write_json(path, dict(task=task, genotype=result["genotype"], config=config,
                           seconds=result["seconds"], device=result["device"]))
     return Genotype.from_json(result["genotype"]), result["seconds"]
 
@@ -444,7 +444,7 @@ def random_trial(genotype, epochs, seed, train, val, num_classes, cfg, device):
     optimizer = make_optimizer(cfg.W_OPTIMIZER, net.parameters(), cfg.W_LR, device)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
-        utils.train_epoch(net, optimizer, train.x, train.y, cfg.BATCH, generator, device)
+        utils.train_epoch(net, optimizer, train.x, train.y, cfg.BATCH_SIZE, generator, device)
     accuracy = float((utils.predict(net, val.x, cfg.EVAL_BATCH).argmax(1) == val.y).float().mean() * 100)
     return dict(genotype=genotype.to_json(), epochs=epochs, val_accuracy=accuracy,
                 seconds=time.perf_counter() - start, device=device_label(device))
@@ -458,15 +458,15 @@ def random_search(data, standard, out, cfg, device, log):
     rng = random.Random(f"{cfg.SEED}/{data.name}/random")
     genotypes = sample_distinct(standard_space(cfg.NODES), rng, len(budgets), (), cfg.NODES, cfg.C, cfg.N)
     path = out / "random.json"
-    config = plain(dict(pick(cfg, SEARCH_KEYS), task=data.name, data=data.fingerprint, budgets=budgets))
-    old = read_json(path)
-    trials = old["trials"] if old and old.get("config") == config else []
+    config = utils.plain(dict(pick(cfg, SEARCH_KEYS), task=data.name, data=data.fingerprint, budgets=budgets))
+    old = utils.load_current(path, config, log)
+    trials = old["trials"] if old else []
     train = limit(data.train, cfg.SEARCH_LIMIT)
     for i in tqdm(range(len(trials), len(genotypes)), desc=f"random search {data.name}", unit="trial"):
         seed = seed_of(cfg.SEED, data.name, "random", i)
         trials.append(random_trial(genotypes[i], budgets[i], seed, train, data.val,
                                    data.task.num_classes, cfg, device))
-        write_json(path, dict(config=config, trials=trials))
+        utils.write_json(path, dict(config=config, trials=trials))
     best = max(trials, key=lambda t: t["val_accuracy"])  # the first of equals
     log.info("random search on %s: %d trials, best %s (val accuracy %.2f %%)", data.name, len(trials),
              "/".join(best["genotype"]["ops"]), best["val_accuracy"])
@@ -476,50 +476,48 @@ def random_search(data, standard, out, cfg, device, log):
 
 # ----------------------------------------------------------------------------- comparison rows
 def retrain(build, data, cfg, device, seed, label):
-    """A fresh network trained FINAL_EPOCHS on the training split with Adam; its val and test metrics."""
+    """A fresh network trained FINAL_EPOCHS on the training split with Adam; its val and test metrics
+    and its test predictions (the test split is read once, here)."""
     torch.manual_seed(seed)
     model = build().to(device)
-    optimizer = utils.adam(model.parameters(), cfg.FINAL_LR, device)
-    generator = torch.Generator().manual_seed(seed)
-    train = limit(data.train, cfg.FINAL_LIMIT)
-    with tqdm(total=cfg.FINAL_EPOCHS * len(train.x), desc=label, unit="img", leave=False, mininterval=1) as bar:
-        for _ in range(cfg.FINAL_EPOCHS):
-            utils.train_epoch(model, optimizer, train.x, train.y, cfg.BATCH, generator, device, progress=bar)
-    metrics = {}
-    for split in ("val", "test"):
-        part = getattr(data, split)
-        scores = utils.classification_metrics(utils.predict(model, part.x, cfg.EVAL_BATCH), part.y)
-        metrics.update({f"{split}_{k}": v for k, v in scores.items()})
-    return model, metrics
+    utils.fit(model, limit(data.train, cfg.FINAL_LIMIT), cfg.FINAL_EPOCHS, cfg.BATCH_SIZE, cfg.FINAL_LR, seed,
+              device, label)
+    return model, utils.evaluate(model, data, cfg.EVAL_BATCH)
 
 
 def run_row(row, data, searches, out, cfg, device, log):
-    """Retrain a row's network for every FINAL_SEEDS seed and score it; reused when done with this config."""
+    """Retrain a row's network from scratch for every FINAL_SEEDS seed and score it on the test split;
+    a seed retrained earlier with the same config is reused."""
     search = searches.get(ROW_SEARCH.get(row))
     genotype = Genotype.from_json(search["genotype"]) if search else None
     classes = data.task.num_classes
     build = (lambda: build_network(genotype, classes)) if genotype else (lambda: build_baseline(row, classes))
-    config = plain(dict(pick(cfg, FINAL_KEYS), row=row, task=data.name, data=data.fingerprint,
-                        genotype=genotype.to_json() if genotype else None))
-    path = out / "rows" / f"{row}.json"
-    old = read_json(path)
-    if old and old.get("config") == config:
-        log.info("%s: retrained earlier with the same config, reused", row)
-        return old
-    start, runs = time.perf_counter(), []
+    config = dict(pick(cfg, FINAL_KEYS), row=row, task=data.name, data=data.fingerprint,
+                  genotype=genotype.to_json() if genotype else None)
+    runs = []
     for s in cfg.FINAL_SEEDS:
-        model, metrics = retrain(build, data, cfg, device, seed_of(cfg.SEED, "final", s), f"{row} seed {s}")
-        runs.append(metrics)
-        if genotype:
-            utils.save_checkpoint({"genotype": genotype.to_json(), "config": config, "metrics": metrics,
-                                   "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}},
-                                  out / "rows" / f"{row}_seed{s}.pt")
-    record = dict(row=row, config=config, params=count_parameters(model), runs=runs,
-                  seconds=time.perf_counter() - start, device=device_label(device))
-    write_json(path, record)
-    log.info("%s: test error %.2f %% (balanced %.2f %%, AUROC %.4f), %.3f M parameters, %.1f s", row,
-             np.mean([m["test_error"] for m in runs]), np.mean([m["test_balanced_error"] for m in runs]),
-             np.mean([m["test_auroc"] for m in runs]), record["params"] / 1e6, record["seconds"])
+        path = out / "rows" / f"{row}_seed{s}.json"
+        run = utils.load_current(path, dict(config, seed=s), log)
+        if run is None:
+            start = time.perf_counter()
+            model, metrics = retrain(build, data, cfg, device, seed_of(cfg.SEED, "final", s), f"{row} seed {s}")
+            run = dict(config=dict(config, seed=s), metrics=metrics, params=count_parameters(model),
+                       seconds=time.perf_counter() - start, device=device_label(device))
+            if genotype:
+                utils.save_checkpoint({"genotype": genotype.to_json(), "config": run["config"], "metrics": metrics,
+                                       "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}},
+                                      path.with_suffix(".pt"))
+            utils.write_json(path, run)
+        else:
+            log.info("%s seed %d: retrained earlier with the same config, reused", row, s)
+        runs.append(run)
+    record = dict(row=row, config=config, params=runs[0]["params"], runs=[r["metrics"] for r in runs],
+                  seconds=sum(r["seconds"] for r in runs), device=", ".join(sorted({r["device"] for r in runs})))
+    utils.write_json(out / "rows" / f"{row}.json", record)
+    errors = [m["test_error"] for m in record["runs"]]
+    log.info("%s: test error %.2f %% over %d seed(s) (balanced %.2f %%, AUROC %.4f), %.3f M parameters, %.1f s",
+             row, np.mean(errors), len(errors), np.mean([m["test_balanced_error"] for m in record["runs"]]),
+             np.mean([m["test_auroc"] for m in record["runs"]]), record["params"] / 1e6, record["seconds"])
     return record
 
 
@@ -561,7 +559,8 @@ def plot_alpha(records, path, title):
     """softmax(α) of every candidate over the alternations, one panel per round."""
     cols = min(5, len(records))
     rows = -(-len(records) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    fig = Figure(figsize=(3.2 * cols, 2.6 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, record in zip(axes.flat, records):
         alpha = np.array(record["alpha"])
         for c in range(alpha.shape[1]):
@@ -577,11 +576,11 @@ def plot_alpha(records, path, title):
     fig.suptitle(title)
     fig.tight_layout()
     utils.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
 
 
 def plot_error_params(table, path, target):
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     for columns, marker, label in ((("Params (M)", "Error (%)"), "o", f"ours ({target}, test split)"),
                                    (("Paper params (M)", "Paper error (%)"), "x", "paper (Quick, Draw! moon)")):
         x, y = table[columns[0]], table[columns[1]]
@@ -594,7 +593,6 @@ def plot_error_params(table, path, target):
     ax.legend(fontsize=7)
     fig.tight_layout()
     utils.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
 
 
 def write_table(records, searches, out, cfg, log):
@@ -621,7 +619,7 @@ def run_searches(data, ranked, out, cfg, device, log):
         with utils.stage(log, f"{space} search"):
             searches[space] = target_search(space, data, ranked, out, cfg, device, log)
     headline = searches[cfg.SPACE]
-    write_json(out / "genotype.json", {k: headline[k] for k in ("task", "space", "genotype", "config", "seconds")})
+    utils.write_json(out / "genotype.json", {k: headline[k] for k in ("task", "space", "genotype", "config", "seconds")})
     log.info("%s: searched genotype in the %s space: %s", cfg.TARGET, cfg.SPACE,
              "/".join(headline["genotype"]["ops"]))
     if "random" in cfg.ROWS:
@@ -640,9 +638,9 @@ def main(argv=None):
     log = utils.start_run("model_FUSE", cfg, device)
     out = Path(cfg.CKPT_DIR) / "search" / cfg.TARGET
     start = time.perf_counter()
-    ranked = closest_tasks(cfg) if "task_aware" in needed_spaces(cfg) else None  # fails before any work
     with utils.stage(log, "data"):
         data = utils.load_task(cfg.TARGET, cfg, log)
+    ranked = closest_tasks(cfg, data, log) if "task_aware" in needed_spaces(cfg) else None  # fails before any work
     searches = run_searches(data, ranked, out, cfg, device, log)
     records = {}
     for row in cfg.ROWS:

@@ -1,94 +1,235 @@
 """Step 2: task distances from pruned transfer networks, the distance matrix and its heatmap.
 
 python prune_transform.py [--NAME=value ...]; reads step 1's CKPT_DIR/tasks/<task>.pt and writes
-CKPT_DIR/distances/: pairs/<source>__<target>.json (distance and pruning curve of each pair),
-transfer/<source>__<target>.pt (the pruned transfer net), matrix.csv (rows source, columns target),
-matrix_measured.csv (with the measured self-transfers on the diagonal), heatmap.png,
-pruning_curves.png and closest.json (for each target, the sources sorted by distance).
+CKPT_DIR/distances/: pairs/<source>__<target>.json (distance, feasibility and pruning curve of each
+pair), transfer/<source>__<target>.pt (the sparsest transfer net that kept performance), matrix.csv
+(rows source, columns target; infeasible pairs empty), matrix_measured.csv (with the measured
+self-transfers on the diagonal), heatmap.png, pruning_curves.png and closest.json (for each target,
+the sources sorted by distance, infeasible ones last).
 """
-import json
+import copy
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-import matplotlib
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 from torch.nn.utils import prune
 from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import train_task
+import utils
+from models import TransferNet
 
-import train_task  # noqa: E402
-import utils  # noqa: E402
-from models import BaseCNN, TransferNet  # noqa: E402
-
-PRESET = "quick"         # smoke | quick | paper (utils.PRESETS); a preset overrides the constants below
-DATA_DIR = "data"        # must hold the data step 1 trained on (checked by fingerprint)
+PRESET = ""               # "" = the constants below as written; or a name from PRESETS (paper, smoke)
+DATA_DIR = "data"         # must hold the data step 1 trained on (checked by fingerprint)
 CKPT_DIR = "checkpoints"
-DEVICE = "auto"          # auto = cuda, then mps, then cpu
-SEED = 0                 # seeds the split (as in step 1) and the transfer nets
-DOWNLOAD = False         # fetch missing datasets into DATA_DIR (needs internet)
-SOURCES = list(utils.DICTIONARY)                          # base tasks A of d(A -> B)
-TARGETS = utils.DICTIONARY + [utils.HELD_OUT_TARGET]      # tasks B, on whose data each pair is measured
-VAL_FRACTION = 0.1       # as in step 1: the split must be the one the networks were trained on
-TRAIN_LIMIT = 0          # train transfer nets on at most this many of B's training images (0 = all)
-EVAL_LIMIT = 0           # measure on at most this many of B's validation images (0 = all)
-TRANSFER_EPOCHS = 10     # paper: MSE, Adam, lr 1e-3, batch 200, 10 epochs
-TRANSFER_BATCH = 200
-TRANSFER_LR = 1e-3
-PRUNE_STEP = 0.05        # share of the weights removed per pruning step (the paper's 5 % grid)
-MAX_SPARSITY = 0.95      # the last pruning level tried
-FINETUNE_EPOCHS = 10     # MSE epochs after each pruning step (released helper: 10)
-EPSILON = 1.0            # accuracy points a pruned net may lose against the reference
-REFERENCE = "target"     # "target": B's own network's accuracy (the paper's L_B >= 1 - eps);
-                         # "transfer": the unpruned transfer net's accuracy
-K_CLOSEST = 3            # closest base tasks reported per target
-EVAL_BATCH = 4096        # rows per forward pass when extracting features (speed only)
+DEVICE = "auto"           # auto = cuda, then mps, then cpu
+SEED = 0                  # seeds the split: as in step 1
+TRANSFER_SEED = 0         # seeds the transfer nets' weights and batch order
+DOWNLOAD = False          # fetch missing datasets into DATA_DIR (needs internet)
+SOURCES = list(utils.DICTIONARY)                          # base tasks A of d(A -> B): the dictionary
+TARGETS = [utils.HELD_OUT_TARGET]  # tasks B, on whose data each pair is measured (paper preset: the
+                          # dictionary too, the 10 x 11 matrix: about half an hour on the bundled sample)
+VAL_FRACTION = 0.1        # as in step 1: the split must be the one the networks were trained on
+TRAIN_LIMIT = 0           # train transfer nets on at most this many of B's training images (0 = all)
+EVAL_LIMIT = 0            # measure on at most this many of B's validation images (0 = all)
+FEATURES = "standardized" # what the transfer net maps: "standardized" (each feature centred and scaled by
+                          # its spread on B's training images; outputs scaled back for B's head), "raw"
+                          # encoder outputs, or "uint8" (the released code's cast: integer part / 255)
+TRANSFER_EPOCHS = 10      # paper: MSE, Adam, lr 1e-3, batch 200, 10 epochs
+BATCH_SIZE = 200
+LR = 1e-3
+LR_SCHEDULE = "cosine"    # cosine: decays to 0 over the training, so it ends at a settled net; constant: the
+                          # released code's (its last step can land on a spike: README, interpretation 5)
+PERFORMANCE = "balanced_accuracy"  # what "keeps performance" means, from B's own head on the transferred
+                          # features: balanced_accuracy | accuracy; or "probe": the balanced accuracy of a
+                          # linear classifier trained afresh on them (the released code's check)
+PROBE_EPOCHS = 10         # training of that fresh probe (released code: 50)
+FEASIBILITY = "dictionary"  # "dictionary": a pair is infeasible when its unpruned transfer performs below the
+                          # worst base network's own validation performance (1 - eps, eps the largest of the
+                          # dictionary's eps_i); "none": every pair is feasible
+TOLERANCE = 1.0           # performance points a pruned transfer may lose against the unpruned one
+SCHEDULE = "oneshot"      # oneshot: every level pruned from the dense trained net; iterative: from the level before
+FINETUNE_EPOCHS = 0       # MSE epochs after pruning, at every level (released helper: 10, RMSprop)
+PRUNE_LEVELS = [round(0.05 * k, 2) for k in range(1, 20)] + [0.975, 0.99, 0.995]  # shares of the weights
+                          # pruned: the paper's 5 % grid, then finer towards the end
+REFINE = 0.01             # bisect the crossing between two levels down to this share of the weights (0 = off)
+K = 3                     # closest base tasks reported per target
+PRECISION = "fp32"        # fp32 | bf16: forward passes under torch.autocast (weights, masks, metrics stay fp32)
+EVAL_BATCH = 4096         # rows per forward pass when extracting features (speed only)
+
+# named sets of constants (--PRESET=name); precedence: the constants above < the preset < --NAME=value
+PRESETS = {
+    "paper": dict(TRAIN_LIMIT=0, EVAL_LIMIT=0, TRANSFER_EPOCHS=10, BATCH_SIZE=200, LR=1e-3,
+                  TARGETS=utils.DICTIONARY + [utils.HELD_OUT_TARGET]),
+    "smoke": dict(TRAIN_LIMIT=400, EVAL_LIMIT=200, TRANSFER_EPOCHS=2, PRUNE_LEVELS=[0.25, 0.5, 0.75, 0.9], REFINE=0.0),
+}
+
+# the constants a pair's measurement depends on: a pair file is reused while these match
+PAIR_KEYS = frozenset({"SEED", "VAL_FRACTION", "TRAIN_LIMIT", "EVAL_LIMIT", "FEATURES", "TRANSFER_EPOCHS",
+                       "BATCH_SIZE", "LR", "LR_SCHEDULE", "TRANSFER_SEED", "PERFORMANCE", "PROBE_EPOCHS",
+                       "TOLERANCE", "SCHEDULE", "FINETUNE_EPOCHS", "PRUNE_LEVELS", "REFINE", "PRECISION"})
+CHOICES = {"FEATURES": ("standardized", "raw", "uint8"), "LR_SCHEDULE": ("constant", "cosine"),
+           "PERFORMANCE": ("balanced_accuracy", "accuracy", "probe"), "FEASIBILITY": ("dictionary", "none"),
+           "SCHEDULE": ("oneshot", "iterative"), "PRECISION": utils.PRECISIONS}
 
 
+def check_config(cfg):
+    for name, valid in CHOICES.items():
+        if getattr(cfg, name) not in valid:
+            raise utils.UserError(f"{name}={getattr(cfg, name)!r}: use one of {', '.join(valid)}")
+    levels = list(cfg.PRUNE_LEVELS)
+    if not levels or levels != sorted(set(levels)) or not (0 < levels[0] and levels[-1] < 1):
+        raise utils.UserError(f"PRUNE_LEVELS={levels}: give increasing shares of the weights between 0 and 1")
+
+
+# ----------------------------------------------------------------------------- inputs
 def load_network(name, data, cfg, device):
-    """Step 1's network of a task, after checking it was trained on this data, split and model."""
+    """Step 1's network of a task, checked against this data and split; with its checkpoint."""
     path = train_task.checkpoint_path(cfg.CKPT_DIR, name)
     rerun = (f"python train_task.py --TASKS=\"['{name}']\" --PRESET={cfg.PRESET} "
              f"--DATA_DIR={cfg.DATA_DIR} --CKPT_DIR={cfg.CKPT_DIR} --SEED={cfg.SEED} "
              f"--VAL_FRACTION={cfg.VAL_FRACTION}")
-    ckpt = utils.load_checkpoint(path)
+    ckpt = utils.read_saved(path)
     if ckpt is None:
         raise utils.UserError(f"no step-1 network for task {name!r} ({path} is missing or unreadable); "
-                        f"make it with: {rerun}")
+                              f"make it with: {rerun}")
     if ckpt.get("data_fingerprint") != data.fingerprint:
         raise utils.UserError(f"{path} was trained on other data, labels or split than {data.source} with "
-                        f"VAL_FRACTION={cfg.VAL_FRACTION}, SEED={cfg.SEED}; retrain it with: {rerun}")
-    model = BaseCNN(data.task.num_classes)
+                              f"VAL_FRACTION={cfg.VAL_FRACTION}, SEED={cfg.SEED}; retrain it with: {rerun}")
     try:
-        model.load_state_dict(ckpt["state_dict"])
+        model = train_task.network_from(ckpt)
     except (RuntimeError, KeyError) as e:
         raise utils.UserError(f"{path} does not hold the base CNN of models/base_cnn.py ({e}); "
-                        f"retrain it with: {rerun}")
-    return model.to(device).eval(), utils.fingerprint(ckpt["config"], ckpt["data_fingerprint"])
+                              f"retrain it with: {rerun}")
+    return model.to(device).eval(), ckpt
 
 
 class FeatureCache:
     """Encoder features of every network on one dataset's images, each extracted once.
 
-    Features stay float32 exactly as the encoder gives them, for the same images in the same order.
+    Features are float32 exactly as the encoder gives them, for the same images in the same order.
     """
 
-    def __init__(self, batch):
-        self.batch, self.dataset, self.store = batch, None, {}
+    def __init__(self, batch, precision="fp32"):
+        self.batch, self.precision, self.dataset, self.store = batch, precision, None, {}
 
     def get(self, network, encoder, data):
         if data.task.dataset != self.dataset:  # a new dataset: the old features are not needed again
             self.dataset, self.store = data.task.dataset, {}
         if network not in self.store:
-            self.store[network] = tuple(utils.predict(encoder, split.x, self.batch)
+            self.store[network] = tuple(utils.predict(encoder, split.x, self.batch, self.precision)
                                         for split in (data.train, data.val))
         return self.store[network]
 
 
+@dataclass
+class Pair:
+    """What the transfer net of one (source, target) pair learns from and is judged by."""
+    x: torch.Tensor         # inputs: the source encoder's features of B's training images
+    y: torch.Tensor         # regression targets: the target encoder's features of the same images
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    labels: torch.Tensor    # B's labels of the training images (for the probe)
+    labels_val: torch.Tensor
+    readout: Callable       # transfer-net output -> the target network's feature units
+    head: torch.nn.Module   # the target network's head
+
+
+def _spread(features):
+    mean, std = features.mean(0), features.std(0)
+    return mean, torch.where(std > 0, std, torch.ones_like(std))  # a dead unit stays at 0
+
+
+def make_pair(source_feats, target_feats, head, labels, labels_val, mode, device):
+    """The pair's tensors under FEATURES=mode, on device. Statistics come from B's training images."""
+    (xs, xs_val), (xt, xt_val) = source_feats, target_feats
+    if mode == "standardized":
+        (ms, ss), (mt, st) = _spread(xs), _spread(xt)
+        inputs, targets = (lambda f: (f - ms) / ss), (lambda f: (f - mt) / st)
+        readout = lambda out: out * st.to(out.device) + mt.to(out.device)
+    elif mode == "uint8":  # the released code: numpy astype(uint8) (truncation, wrapping past 255), then / 255
+        inputs = targets = lambda f: torch.remainder(f.floor(), 256) / 255
+        readout = lambda out: out * 255
+    else:
+        inputs = targets = readout = lambda f: f
+    move = lambda t: t.to(device)
+    return Pair(move(inputs(xs)), move(targets(xt)), move(inputs(xs_val)), move(targets(xt_val)),
+                move(labels), move(labels_val), readout, head)
+
+
+# ----------------------------------------------------------------------------- training and scoring
+def ordered_parameters(net):
+    """Weights and biases in one fixed order, before or after pruning re-parametrises the weights."""
+    out = []
+    for m in net.weight_layers():
+        own = dict(m.named_parameters(recurse=False))
+        out += [own.get("weight_orig", own.get("weight")), own["bias"]]
+    return out
+
+
+def train_transfer(pair, cfg, device):
+    """A transfer net trained from fresh weights (seeded by TRANSFER_SEED) to map x onto y with MSE."""
+    utils.set_seed(cfg.TRANSFER_SEED)
+    net = TransferNet().to(device)
+    optimizer = utils.adam(ordered_parameters(net), cfg.LR, device)
+    generator = torch.Generator().manual_seed(cfg.TRANSFER_SEED)
+    step = utils.train_step
+    if cfg.LR_SCHEDULE == "cosine":
+        steps = cfg.TRANSFER_EPOCHS * math.ceil(len(pair.x) / cfg.BATCH_SIZE)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
+        def step(*args):
+            loss = utils.train_step(*args)
+            scheduler.step()
+            return loss
+    losses = [utils.train_epoch(net, optimizer, pair.x, pair.y, cfg.BATCH_SIZE, generator, device,
+                                loss_fn=F.mse_loss, step=step, precision=cfg.PRECISION)
+              for _ in range(cfg.TRANSFER_EPOCHS)]
+    return net, optimizer, generator, losses
+
+
+@torch.inference_mode()
+def transfer(net, x, precision, batch=8192):
+    """The transfer net's fp32 outputs on x, in evaluation mode."""
+    net.eval()
+    with utils.autocast(precision, x.device):
+        return torch.cat([net(x[i:i + batch]).float() for i in range(0, len(x), batch)])
+
+
+def probe_performance(net, pair, cfg, device):
+    """Balanced accuracy (%) of a linear classifier trained afresh on the transferred training features."""
+    features, features_val = (pair.readout(transfer(net, x, cfg.PRECISION)) for x in (pair.x, pair.x_val))
+    torch.manual_seed(cfg.TRANSFER_SEED)
+    probe = torch.nn.Linear(features.shape[1], int(pair.labels.max()) + 1).to(device)
+    optimizer = utils.adam(probe.parameters(), 1e-3, device)
+    generator = torch.Generator().manual_seed(cfg.TRANSFER_SEED)
+    for _ in range(cfg.PROBE_EPOCHS):
+        utils.train_epoch(probe, optimizer, features, pair.labels, cfg.BATCH_SIZE, generator, device,
+                          precision=cfg.PRECISION)
+    logits = utils.predict(probe, features_val, precision=cfg.PRECISION)
+    return 100 - utils.classification_metrics(logits, pair.labels_val)["balanced_error"]
+
+
+def evaluate(net, pair, cfg, device):
+    """The transfer's performance on B's validation images, with B's own head, and its MSE."""
+    out = transfer(net, pair.x_val, cfg.PRECISION)
+    with torch.inference_mode():
+        scores = utils.classification_metrics(pair.head(pair.readout(out)), pair.labels_val)
+        mse = float(F.mse_loss(out, pair.y_val))
+    point = dict(accuracy=100 - scores["error"], balanced_accuracy=100 - scores["balanced_error"],
+                 auroc=scores["auroc"], mse=mse)
+    if cfg.PERFORMANCE == "probe":
+        point["probe"] = probe_performance(net, pair, cfg, device)
+    return point
+
+
+# ----------------------------------------------------------------------------- pruning
 def kept_percent(net):
     """Share of the transfer net's parameters (weights and biases) that are non-zero, in %."""
     layers = net.weight_layers()
@@ -96,18 +237,39 @@ def kept_percent(net):
     return 100 * nonzero / sum(m.weight.numel() + m.bias.numel() for m in layers)
 
 
-def fit(net, optimizer, x, y, epochs, batch, generator, device):
-    for _ in range(epochs):
-        utils.train_epoch(net, optimizer, x, y, batch, generator, device, loss_fn=F.mse_loss)
+def pruned_weights(net):
+    return sum(int((m.weight == 0).sum()) for m in net.weight_layers())
 
 
-@torch.inference_mode()
-def score(net, head, x, target_features, labels):
-    """Accuracy (%) of the target's head on transferred features, and the features' MSE."""
-    net.eval()
-    out = net(x)
-    accuracy = 100 * float((head(out).argmax(1) == labels).float().mean())
-    return accuracy, float(F.mse_loss(out, target_features))
+def prune_to(net, sparsity):
+    """Global magnitude pruning: zero the smallest-magnitude weights of all layers together until
+    round(sparsity x all weights) are zero; biases are kept. The mask goes through torch's pruning
+    (weight = weight_orig * weight_mask), so fine-tuning leaves pruned weights at zero."""
+    layers = net.weight_layers()
+    magnitudes = torch.cat([m.weight.detach().abs().flatten() for m in layers])
+    k = round(sparsity * len(magnitudes))
+    if k <= pruned_weights(net):
+        return net
+    # the k smallest (the k-th value found in linear time; torch's L1Unstructured sorts with topk)
+    threshold = torch.kthvalue(magnitudes.cpu(), k).values.to(magnitudes.device)
+    drop = magnitudes < threshold
+    ties = torch.nonzero(magnitudes == threshold).flatten()
+    drop[ties[:k - int(drop.sum())]] = True
+    for m, keep in zip(layers, (~drop).split([m.weight.numel() for m in layers])):
+        prune.custom_from_mask(m, "weight", keep.view_as(m.weight))
+    return net
+
+
+def clone(net, optimizer, cfg, device):
+    """An independent copy of the net and of its optimizer's state (the copy fine-tunes at LR)."""
+    twin = copy.deepcopy(net)
+    twin_optimizer = None
+    if optimizer is not None:
+        twin_optimizer = utils.adam(ordered_parameters(twin), cfg.LR, device)
+        twin_optimizer.load_state_dict(optimizer.state_dict())
+        for group in twin_optimizer.param_groups:
+            group["lr"] = cfg.LR
+    return twin, twin_optimizer
 
 
 def effective_state(net):
@@ -116,48 +278,119 @@ def effective_state(net):
             for name, m in net.named_children() if hasattr(m, "weight") for p in ("weight", "bias")}
 
 
-def measure_pair(source_feats, target_feats, head, labels, cfg, device, bar=None):
-    """Train a transfer net from source to target features, prune it step by step, return the result.
+def crossing(curve, key, tolerance):
+    """The sparsest level of the unbroken run of levels, from the dense net on, whose performance
+    stays within `tolerance` points of the unpruned transfer's; and the first level that falls out.
 
-    source_feats / target_feats: (train, val) features of the same target images; labels: the
-    target's validation labels; head: the target network's head. Returns the result and the
-    state of the sparsest transfer net that kept performance (None if even the unpruned one lost it).
+    curve: points with "sparsity" and the performance `key`, the unpruned net first (sparsity 0).
+    Returns (the passing point, the failing point or None).
     """
-    (xs, xs_val), (xt, xt_val) = [(a.to(device), b.to(device)) for a, b in (source_feats, target_feats)]
-    labels = labels.to(device)
-    utils.set_seed(cfg.SEED)
-    generator = torch.Generator().manual_seed(cfg.SEED)
-    net = TransferNet().to(device)
-    optimizer = utils.adam(net.parameters(), cfg.TRANSFER_LR, device)
-    fit(net, optimizer, xs, xt, cfg.TRANSFER_EPOCHS, cfg.TRANSFER_BATCH, generator, device)
-    accuracy, mse = score(net, head, xs_val, xt_val, labels)
-    own = score(torch.nn.Identity(), head, xt_val, xt_val, labels)[0]  # the target network itself
-    threshold = (accuracy if cfg.REFERENCE == "transfer" else own) - cfg.EPSILON
-    curve = [dict(sparsity=0.0, kept=kept_percent(net), accuracy=accuracy, mse=mse)]
-    kept, state = 100.0, None  # even the whole transfer net falls short: the farthest distance
-    if accuracy >= threshold:
-        kept, state = curve[0]["kept"], effective_state(net)
-        layers = [(m, "weight") for m in net.weight_layers()]
-        n_weights = sum(m.weight.numel() for m, _ in layers)
-        pruned = 0
-        for level in range(1, int(cfg.MAX_SPARSITY / cfg.PRUNE_STEP + 1e-9) + 1):
-            sparsity = level * cfg.PRUNE_STEP
-            amount = round(sparsity * n_weights) - pruned  # prune counts among the weights still left
-            prune.global_unstructured(layers, pruning_method=prune.L1Unstructured, amount=amount)
-            pruned += amount
-            # fine-tuning continues the training's Adam (state included): a fresh optimizer's first
-            # steps (RMSprop: about 10 x lr per weight) undo more than a short fine-tuning repairs
-            fit(net, optimizer, xs, xt, cfg.FINETUNE_EPOCHS, cfg.TRANSFER_BATCH, generator, device)
-            accuracy, mse = score(net, head, xs_val, xt_val, labels)
-            curve.append(dict(sparsity=sparsity, kept=kept_percent(net), accuracy=accuracy, mse=mse))
-            if bar is not None:
-                bar.update()
-                bar.set_postfix(sparsity=f"{sparsity:.2f}", acc=f"{accuracy:.2f}")
-            if accuracy < threshold:  # the first level that loses performance ends the sweep
+    points = sorted(curve, key=lambda p: p["sparsity"])
+    line = points[0][key] - tolerance
+    last = points[0]
+    for point in points[1:]:
+        if point[key] < line:
+            return last, point
+        last = point
+    return last, None
+
+
+class Sweep:
+    """The pruning levels of one trained transfer net: each level is pruned, fine-tuned and scored once."""
+
+    def __init__(self, net, optimizer, generator, pair, cfg, device, bar=None):
+        self.dense = (net, optimizer if cfg.FINETUNE_EPOCHS else None)
+        self.pair, self.cfg, self.device, self.generator, self.bar = pair, cfg, device, generator, bar
+        self.nets = {0.0: self.dense}       # iterative: the fine-tuned net of every passing level
+        self.curve = [dict(sparsity=0.0, kept=kept_percent(net), **evaluate(net, pair, cfg, device))]
+
+    def level(self, sparsity, start):
+        """Prune to `sparsity` from the dense net (oneshot) or from level `start` (iterative), fine-tune, score."""
+        base = self.dense if self.cfg.SCHEDULE == "oneshot" else self.nets[start]
+        net, optimizer = clone(*base, self.cfg, self.device)
+        prune_to(net, sparsity)
+        for _ in range(self.cfg.FINETUNE_EPOCHS):
+            utils.train_epoch(net, optimizer, self.pair.x, self.pair.y, self.cfg.BATCH_SIZE, self.generator,
+                              self.device, loss_fn=F.mse_loss, precision=self.cfg.PRECISION)
+        point = dict(sparsity=sparsity, kept=kept_percent(net), **evaluate(net, self.pair, self.cfg, self.device))
+        self.curve.append(point)
+        if self.bar is not None:
+            self.bar.update()
+            self.bar.set_postfix(sparsity=f"{sparsity:.3f}", perf=f"{point[self.cfg.PERFORMANCE]:.2f}")
+        return net, optimizer, point
+
+    def passes(self, point):
+        return point[self.cfg.PERFORMANCE] >= self.curve[0][self.cfg.PERFORMANCE] - self.cfg.TOLERANCE
+
+    def run(self):
+        """Every level up to the first that loses performance (every level, when they cost no training),
+        then bisection between the last passing level and it. Returns the passing net's state."""
+        cfg = self.cfg
+        cheap = cfg.FINETUNE_EPOCHS == 0  # a level is one evaluation: measure the whole curve
+        passing, failing, state = 0.0, None, effective_state(self.dense[0])
+        for sparsity in cfg.PRUNE_LEVELS:
+            if failing is not None and not cheap:
                 break
-            kept, state = curve[-1]["kept"], effective_state(net)
-    return dict(distance=kept, own_accuracy=own, threshold=threshold,
-                unpruned_accuracy=curve[0]["accuracy"], unpruned_mse=curve[0]["mse"], curve=curve), state
+            net, optimizer, point = self.level(sparsity, passing)
+            if failing is None and self.passes(point):
+                passing, state = sparsity, effective_state(net)
+                self.nets = {passing: (net, optimizer)}
+            elif failing is None:
+                failing = sparsity
+        while cfg.REFINE and failing is not None and failing - passing > cfg.REFINE + 1e-12:
+            middle = round((passing + failing) / 2, 6)
+            net, optimizer, point = self.level(middle, passing)
+            if self.passes(point):
+                passing, state = middle, effective_state(net)
+                self.nets = {passing: (net, optimizer)}
+            else:
+                failing = middle
+        self.curve.sort(key=lambda p: p["sparsity"])
+        return state
+
+
+def measure_pair(source_feats, target_feats, head, labels, labels_val, cfg, device, bar=None):
+    """Train a transfer net from the source's to the target's features, prune it, return the result.
+
+    source_feats / target_feats: (train, val) encoder features of the same target images; labels /
+    labels_val: the target's labels of them; head: the target network's head. Returns the result
+    and the state of the sparsest transfer net that kept performance.
+    """
+    pair = make_pair(source_feats, target_feats, head, labels, labels_val, cfg.FEATURES, device)
+    net, optimizer, generator, losses = train_transfer(pair, cfg, device)
+    sweep = Sweep(net, optimizer, generator, pair, cfg, device, bar)
+    state = sweep.run()
+    passing, failing = crossing(sweep.curve, cfg.PERFORMANCE, cfg.TOLERANCE)
+    return dict(measured_distance=passing["kept"], crossing_sparsity=passing["sparsity"],
+                first_failing_sparsity=None if failing is None else failing["sparsity"],
+                unpruned=sweep.curve[0], train_loss=losses[-1] if losses else None,
+                curve=sweep.curve), state
+
+
+# ----------------------------------------------------------------------------- the matrix
+def feasibility_level(checkpoints, cfg):
+    """1 - eps of the dictionary, in performance points: the worst base network's own validation
+    performance (every base network is then eps-representative); None when FEASIBILITY is 'none'."""
+    if cfg.FEASIBILITY == "none":
+        return None
+    key = "val_error" if cfg.PERFORMANCE == "accuracy" else "val_balanced_error"
+    return min(100 - checkpoints[s]["metrics"][key] for s in cfg.SOURCES)
+
+
+def decide(result, level, performance):
+    """The matrix entry of a measured pair: 0 on the diagonal (the paper's convention), None when the
+    unpruned transfer misses the feasibility level, else the measured distance."""
+    feasible = level is None or result["unpruned"][performance] >= level
+    distance = 0.0 if result["source"] == result["target"] else result["measured_distance"] if feasible else None
+    return dict(result, feasible=feasible, feasibility_level=level, distance=distance)
+
+
+def rank_sources(results, target):
+    """The sources of a target, closest first: feasible ones by distance (ties: the better unpruned
+    transfer first), then the infeasible ones by their unpruned performance."""
+    others = [r for r in results if r["target"] == target and r["source"] != target]
+    perf = lambda r: r["unpruned"][r["config"]["PERFORMANCE"]]
+    return sorted(others, key=lambda r: (not r["feasible"], r["distance"] if r["feasible"] else 0.0, -perf(r)))
 
 
 def pair_name(source, target):
@@ -165,115 +398,160 @@ def pair_name(source, target):
 
 
 def plot_heatmap(matrix, path, title):
-    fig, ax = plt.subplots(figsize=(max(6.0, 2.5 + 0.75 * matrix.shape[1]), max(3.0, 1.0 + 0.6 * matrix.shape[0])))
-    image = ax.imshow(matrix.to_numpy(dtype=float), cmap="viridis", vmin=0, vmax=100)
+    values = matrix.to_numpy(dtype=float)
+    fig = Figure(figsize=(max(6.0, 2.5 + 0.75 * matrix.shape[1]), max(3.0, 1.0 + 0.6 * matrix.shape[0])))
+    ax = fig.subplots()
+    ax.patch.set_facecolor("0.85")
+    ax.patch.set_hatch("//")  # infeasible pairs: no distance, the hatched background shows through
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=0, vmax=100)
     ax.set_xticks(range(matrix.shape[1]), matrix.columns, rotation=45, ha="right")
     ax.set_yticks(range(matrix.shape[0]), matrix.index)
-    for (i, j), value in np.ndenumerate(matrix.to_numpy(dtype=float)):
-        if not np.isnan(value):
-            ax.text(j, i, f"{value:.1f}", ha="center", va="center", fontsize=8,
-                    color="white" if value < 60 else "black")
+    for (i, j), value in np.ndenumerate(values):
+        text = "inf." if np.isnan(value) else f"{value:.1f}"
+        ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                color="black" if np.isnan(value) or value >= 60 else "white")
     ax.set_xlabel("target task B")
     ax.set_ylabel("source task A")
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="d(A → B): % of transfer-net parameters kept")
     fig.tight_layout()
     utils.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight"))
-    plt.close(fig)
 
 
-def plot_curves(results, targets, path):
+def plot_curves(results, targets, path, performance):
     cols = min(4, len(targets))
     rows = -(-len(targets) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    fig = Figure(figsize=(4 * cols, 3 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, target in zip(axes.flat, targets):
         for r in (r for r in results if r["target"] == target):
             curve = pd.DataFrame(r["curve"])
-            ax.plot(curve["kept"], curve["accuracy"], marker=".", label=r["source"])
+            line, = ax.plot(curve["kept"], curve[performance], marker=".", ms=3,
+                            ls="-" if r["feasible"] else ":", label=r["source"] + ("" if r["feasible"] else " (inf.)"))
+            ax.plot([r["measured_distance"]], [r["unpruned"][performance]], marker="v", color=line.get_color())
         ax.set_title(f"target {target}")
+        ax.set_xscale("log")
         ax.invert_xaxis()
-        ax.set_xlabel("% of parameters kept")
-        ax.set_ylabel("accuracy on validation (%)")
+        ax.set_xlabel("% of parameters kept (log)")
+        ax.set_ylabel(f"{performance.replace('_', ' ')} on validation (%)")
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(targets):]:
         ax.axis("off")
     fig.tight_layout()
     utils.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
+
+
+def network_id(name, cfg, cache={}):
+    """(weights hash, data fingerprint) of step 1's network of a task, or None without a readable one.
+    A pair is reused only while both of its networks are the ones it was measured with."""
+    path = Path(train_task.checkpoint_path(cfg.CKPT_DIR, name))
+    key = (str(path), path.stat().st_mtime_ns if path.exists() else None)
+    if key not in cache:
+        ckpt = utils.read_saved(path)
+        cache[key] = None if not ckpt else (utils.fingerprint(*ckpt["state_dict"].values()), ckpt["data_fingerprint"])
+    return cache[key]
+
+
+def pair_config(config, source, target, cfg):
+    (s_net, _), (t_net, t_data) = network_id(source, cfg), network_id(target, cfg)
+    return dict(config, source=source, target=target, source_net=s_net, target_net=t_net, target_data=t_data)
+
+
+def earlier_pairs(out, config, cfg, done, log):
+    """Pairs of SOURCES measured by earlier runs for other targets, still valid: the same settings and the
+    same step-1 networks. They stay in the matrix and in closest.json."""
+    found = []
+    for path in sorted((out / "pairs").glob("*.json")):
+        source, _, target = path.stem.partition("__")
+        if source not in cfg.SOURCES or (source, target) in done or target not in utils.TASK_REGISTRY or \
+                network_id(source, cfg) is None or network_id(target, cfg) is None:
+            continue
+        saved = utils.load_current(path, pair_config(config, source, target, cfg), log)
+        if saved:
+            found.append(saved)
+    return found
+
+
+def write_outputs(results, cfg, out, log):
+    frame = pd.DataFrame(results)
+    targets = list(dict.fromkeys(list(cfg.TARGETS) + sorted(set(frame.target) - set(cfg.TARGETS))))
+    complete = [t for t in targets if set(frame[frame.target == t].source) >= set(cfg.SOURCES)]
+    order = dict(index=list(cfg.SOURCES), columns=complete)
+    matrix = frame.pivot(index="source", columns="target", values="distance").reindex(**order).astype(float)
+    measured = frame.pivot(index="source", columns="target", values="measured_distance").reindex(**order)
+    for name, table in (("matrix.csv", matrix), ("matrix_measured.csv", measured)):
+        utils.atomic_write(out / name, lambda tmp: table.to_csv(tmp, float_format="%.4f"))
+    plot_heatmap(matrix, out / "heatmap.png", "Task distance d(source → target); hatched: infeasible")
+    plot_curves(results, complete, out / "pruning_curves.png", cfg.PERFORMANCE)
+    closest = {t: [dict(task=r["source"], distance=r["distance"], feasible=r["feasible"],
+                        unpruned_performance=r["unpruned"][cfg.PERFORMANCE]) for r in rank_sources(results, t)]
+               for t in complete}
+    payload = dict(config=utils.result_config(cfg, ("K",)), k=cfg.K, performance=cfg.PERFORMANCE,
+                   feasibility_level=results[0]["feasibility_level"] if results else None,
+                   data={t: frame[frame.target == t].iloc[0]["config"]["target_data"] for t in complete},
+                   closest=closest)
+    utils.write_json(out / "closest.json", payload)
+    log.info("distance matrix, rows = source A, columns = target B (%s; empty = infeasible):\n%s",
+             out / "matrix.csv", matrix.to_string(float_format="{:.2f}".format))
+    for t in complete:
+        log.info("closest to %s: %s", t, ", ".join(
+            f"{r['task']} ({r['distance']:.2f})" if r["feasible"] else f"{r['task']} (infeasible)"
+            for r in closest[t][:cfg.K]))
 
 
 def main(argv=None):
     cfg = utils.configure(globals(), argv)
-    if cfg.REFERENCE not in ("target", "transfer"):
-        raise utils.UserError(f"REFERENCE={cfg.REFERENCE!r}: use 'target' or 'transfer'")
+    check_config(cfg)
     device = utils.get_device(cfg.DEVICE)
     log = utils.start_run("prune_transform", cfg, device)
     out = Path(cfg.CKPT_DIR) / "distances"
     start = time.perf_counter()
     # check every network before any work, so a missing one fails at once and writes nothing
     data = {name: utils.load_task(name, cfg, log) for name in dict.fromkeys(cfg.SOURCES + cfg.TARGETS)}
-    networks = {name: load_network(name, data[name], cfg, device) for name in data}
-    config = utils.result_config(cfg, ("K_CLOSEST",))  # K only changes the report
-    cache = FeatureCache(cfg.EVAL_BATCH)
+    networks, checkpoints = {}, {}
+    for name in data:
+        networks[name], checkpoints[name] = load_network(name, data[name], cfg, device)
+    level = feasibility_level(checkpoints, cfg)
+    if level is not None:
+        log.info("feasibility: an unpruned transfer must reach %.2f %% %s (the worst base network's own)",
+                 level, cfg.PERFORMANCE.replace("_", " "))
+    config = {k: getattr(cfg, k) for k in sorted(PAIR_KEYS)}
+    cache = FeatureCache(cfg.EVAL_BATCH, cfg.PRECISION)
     targets = sorted(cfg.TARGETS, key=lambda t: data[t].task.dataset)  # one dataset's features at a time
     results = []
     with tqdm(total=len(cfg.SOURCES) * len(targets), desc="pairs", unit="pair") as overall:
         for target in targets:
-            t_net, t_id = networks[target]
             for source in cfg.SOURCES:
-                s_net, s_id = networks[source]
                 path = out / "pairs" / f"{pair_name(source, target)}.json"
-                pair_config = dict(config, source=source, target=target, source_net=s_id, target_net=t_id)
-                old = json.loads(path.read_text()) if path.exists() else None
-                if old and old["config"] == pair_config:
-                    results.append(old)
-                    overall.update()
-                    continue
-                tick = time.perf_counter()
-                feats = [cache.get(n, net.encoder, data[target]) for n, net in ((source, s_net), (target, t_net))]
-                extract = time.perf_counter() - tick
-                with tqdm(desc=f"{source} → {target}", leave=False) as bar:
-                    result, state = measure_pair(*feats, t_net.head, data[target].val.y, cfg, device, bar)
-                result = dict(source=source, target=target, config=pair_config,
-                              measured_distance=result["distance"], **result,
-                              seconds=time.perf_counter() - tick, extract_seconds=extract,
-                              device=str(device))
-                if source == target:
-                    result["distance"] = 0.0  # the paper's convention; the measurement stays as calibration
-                if state is not None:
-                    utils.save_checkpoint(state, out / "transfer" / f"{pair_name(source, target)}.pt")
-                utils.atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
-                log.info("d(%s → %s) = %.2f (accuracy: unpruned transfer %.2f, target network %.2f), %.1f s",
-                         source, target, result["distance"], result["unpruned_accuracy"],
-                         result["own_accuracy"], result["seconds"])
-                results.append(result)
+                config_here = pair_config(config, source, target, cfg)
+                result = utils.load_current(path, config_here, log)
+                if result is None:
+                    result = run_pair(source, target, networks, data, cache, config_here, cfg, device, out, log)
+                results.append(decide(result, level, cfg.PERFORMANCE))
                 overall.update()
+    done = {(r["source"], r["target"]) for r in results}
+    results += [decide(r, level, cfg.PERFORMANCE) for r in earlier_pairs(out, config, cfg, done, log)]
     write_outputs(results, cfg, out, log)
     log.info("total wall-clock %.1f s", time.perf_counter() - start)
     return results
 
 
-def write_outputs(results, cfg, out, log):
-    frame = pd.DataFrame(results)
-    order = dict(index=list(cfg.SOURCES), columns=list(cfg.TARGETS))
-    matrix = frame.pivot(index="source", columns="target", values="distance").reindex(**order)
-    measured = frame.pivot(index="source", columns="target", values="measured_distance").reindex(**order)
-    for name, table in (("matrix.csv", matrix), ("matrix_measured.csv", measured)):
-        utils.atomic_write(out / name, lambda tmp: table.to_csv(tmp, float_format="%.4f"))
-    plot_heatmap(matrix, out / "heatmap.png", "Task distance d(source → target)")
-    plot_curves(results, list(cfg.TARGETS), out / "pruning_curves.png")
-    # ties (e.g. several sources at 100) go to the better unpruned transfer
-    ranked = frame[frame.source != frame.target].assign(neg_accuracy=lambda f: -f.unpruned_accuracy)
-    ranked = ranked.sort_values(["target", "distance", "neg_accuracy"], kind="stable")
-    closest = {t: [dict(task=r.source, distance=float(r.distance), unpruned_accuracy=float(r.unpruned_accuracy))
-                   for r in ranked[ranked.target == t].itertuples()] for t in cfg.TARGETS}
-    payload = dict(config=utils.result_config(cfg), k=cfg.K_CLOSEST, closest=closest)
-    utils.atomic_write(out / "closest.json", lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
-    log.info("distance matrix, rows = source A, columns = target B (%s):\n%s", out / "matrix.csv",
-             matrix.to_string(float_format="{:.2f}".format))
-    for t, ranked in closest.items():
-        log.info("closest to %s: %s", t, ", ".join(f"{r['task']} ({r['distance']:.2f})"
-                                                    for r in ranked[:cfg.K_CLOSEST]))
+def run_pair(source, target, networks, data, cache, config, cfg, device, out, log):
+    """Measure one pair and save it (its JSON, then the pruned transfer net)."""
+    tick = time.perf_counter()
+    feats = [cache.get(n, networks[n].encoder, data[target]) for n in (source, target)]
+    extract = time.perf_counter() - tick
+    with tqdm(desc=f"{source} → {target}", unit="level", leave=False) as bar:
+        result, state = measure_pair(*feats, networks[target].head, data[target].train.y, data[target].val.y,
+                                     cfg, device, bar)
+    result = dict(source=source, target=target, config=config, **result, seconds=time.perf_counter() - tick,
+                  extract_seconds=extract, device=str(device))
+    utils.save_checkpoint(state, out / "transfer" / f"{pair_name(source, target)}.pt")
+    utils.write_json(out / "pairs" / f"{pair_name(source, target)}.json", result)
+    log.info("%s → %s: measured %.2f %% kept (unpruned transfer: %s %.2f, MSE %.4f), %.1f s", source, target,
+             result["measured_distance"], cfg.PERFORMANCE, result["unpruned"][cfg.PERFORMANCE],
+             result["unpruned"]["mse"], result["seconds"])
+    return result
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 import ast
 import contextlib
 import ctypes
+import glob
 import gzip
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -15,7 +17,7 @@ import time
 import urllib.parse
 import urllib.request
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,34 +25,6 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import torch
-
-# ----------------------------------------------------------------------------- presets
-# One table shared by the three scripts; a script takes the entries that name its constants.
-# Precedence: the constants at the top of a script < the chosen preset < --NAME=value.
-PRESETS = {
-    # seconds on a CPU: the test suite's size
-    "smoke": dict(TRAIN_LIMIT=400, EVAL_LIMIT=200, EPOCHS=1, BATCH_SIZE=32,
-                  TRANSFER_EPOCHS=2, FINETUNE_EPOCHS=1, PRUNE_STEP=0.25,
-                  NODES=3, C=4, N=1, CANDIDATES=2, ROUNDS=2, W_EPOCHS=1, ALPHA_EPOCHS=1,
-                  MAX_ALTERNATIONS=2, FINAL_EPOCHS=1, BASE_ROUNDS=1, BATCH=32, THREADS=1,
-                  ROWS=["fuse_task_aware", "fuse_standard", "random", "resnet18"]),
-    # minutes on a laptop CPU, on the bundled sample
-    "quick": dict(TRAIN_LIMIT=0, EVAL_LIMIT=0, EPOCHS=1, BATCH_SIZE=64,
-                  TRANSFER_EPOCHS=10, FINETUNE_EPOCHS=1, PRUNE_STEP=0.05,
-                  TARGETS=["sandal"],  # the 10 dictionary tasks against the held-out target only:
-                                       # the full 10 x 11 matrix takes about half an hour here
-                  NODES=3, C=8, N=1, CANDIDATES=3, ROUNDS=3, W_EPOCHS=1, ALPHA_EPOCHS=5,
-                  MAX_ALTERNATIONS=3, FINAL_EPOCHS=3, BASE_ROUNDS=2, SEARCH_LIMIT=1000, FINAL_LIMIT=1000,
-                  BATCH=32,   # 4x the steps of the paper's 128 on the same images: tiny budgets still learn
-                  THREADS=1,  # small networks: one thread avoids OpenMP stalls on a shared CPU
-                  # ResNet-34 and DenseNet-161 at 28x28 without max-pool take many minutes per epoch on a CPU
-                  ROWS=["fuse_task_aware", "fuse_standard", "random", "resnet18"]),
-    # the authors' budgets (released code and paper), on whatever data is in DATA_DIR
-    "paper": dict(TRAIN_LIMIT=0, EVAL_LIMIT=0, EPOCHS=1, BATCH_SIZE=64,
-                  TRANSFER_EPOCHS=10, FINETUNE_EPOCHS=10, PRUNE_STEP=0.05,
-                  NODES=3, C=64, N=3, CANDIDATES=3, ROUNDS=10, W_EPOCHS=5, ALPHA_EPOCHS=5,
-                  MAX_ALTERNATIONS=5, FINAL_EPOCHS=10, BASE_ROUNDS=10),
-}
 
 # constants that change where or how fast a run goes, never its numbers
 NON_RESULT_KEYS = {"PRESET", "DATA_DIR", "CKPT_DIR", "DEVICE", "DOWNLOAD", "EVAL_BATCH",
@@ -104,12 +78,16 @@ def _check_type(name, value, default, where):
 
 
 def configure(namespace, argv=None):
-    """The run's configuration: the UPPER_CASE constants of a script, then PRESET, then --NAME=value.
+    """The run's configuration: a script's UPPER_CASE constants, then the preset named by PRESET from
+    the script's own PRESETS, then --NAME=value from the command line.
 
-    Returns a SimpleNamespace; the script's own globals are left untouched.
+    Returns a SimpleNamespace of the values; its `changes` maps every constant the preset or the command
+    line changed to (value in the file, value used, "preset <name>" or "command line"). The script's own
+    globals are left untouched.
     """
     defaults = {k: v for k, v in namespace.items()
                 if k.isupper() and isinstance(v, (bool, int, float, str, list, tuple))}
+    presets = namespace.get("PRESETS", {})
     argv = sys.argv[1:] if argv is None else argv
     overrides = {}
     for arg in argv:
@@ -121,19 +99,33 @@ def configure(namespace, argv=None):
             raise UserError(f"unknown constant {name!r}. Valid names: {', '.join(defaults)}")
         overrides[name] = _parse_value(name, text, defaults[name])
     values = dict(defaults)
-    preset = overrides.get("PRESET", values["PRESET"])
-    if preset not in PRESETS:
-        raise UserError(f"unknown PRESET {preset!r}. Valid presets: {', '.join(PRESETS)}")
-    for name, value in PRESETS[preset].items():
-        if name in values:
-            values[name] = _check_type(name, value, defaults[name], f"preset {preset!r}")
+    preset = overrides.get("PRESET", values.get("PRESET", ""))
+    if preset and preset not in presets:
+        raise UserError(f"unknown PRESET {preset!r}. Valid presets: {', '.join(presets) or 'none'} "
+                        "(or PRESET='' for the constants as written)")
+    changes = {}
+    for name, value in presets.get(preset, {}).items():
+        if name not in defaults:
+            raise UserError(f"preset {preset!r} sets {name}, which is not a constant of this script. "
+                            f"Valid names: {', '.join(defaults)}")
+        values[name] = _check_type(name, value, defaults[name], f"preset {preset!r}")
+        changes[name] = f"preset {preset}"
     values.update(overrides)
-    return SimpleNamespace(**values)
+    changes.update({name: "command line" for name in overrides})
+    cfg = SimpleNamespace(**values)
+    cfg.changes = {name: (defaults[name], values[name], why) for name, why in changes.items()
+                   if values[name] != defaults[name]}
+    return cfg
+
+
+def settings(cfg):
+    """The constants of a configuration, without its bookkeeping."""
+    return {k: v for k, v in vars(cfg).items() if k.isupper()}
 
 
 def result_config(cfg, extra_ignored=()):
     """The part of a configuration that can change a run's numbers: what checkpoints must match."""
-    return {k: v for k, v in vars(cfg).items() if k not in NON_RESULT_KEYS | set(extra_ignored)}
+    return {k: v for k, v in settings(cfg).items() if k not in NON_RESULT_KEYS | set(extra_ignored)}
 
 
 # ----------------------------------------------------------------------------- run bookkeeping
@@ -186,7 +178,10 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's mall
 def keep_freed_memory():
     """Make glibc's malloc serve large blocks from the heap and keep up to 1 GiB freed for reuse, for
     the rest of the process (any mallopt call also ends glibc's own tuning); True where it applied
-    (Linux with glibc), False elsewhere, where the allocator is left as it is."""
+    (Linux with glibc), False elsewhere, where the allocator is left as it is.
+
+    train_task.py calls it only when it runs as a script, never on import: a process that imports it
+    (pytest, a notebook, the benchmarks) keeps glibc's defaults."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL("libc.so.6")
@@ -208,10 +203,20 @@ def start_run(script, cfg, device):
                     logging.FileHandler(log_dir / f"{script}.log", encoding="utf-8")):
         handler.setFormatter(fmt)
         log.addHandler(handler)
-    log.info("=== %s, preset %s", script, cfg.PRESET)
-    log.info("config: %s", vars(cfg))
+    log.info("=== %s%s", script, f", preset {cfg.PRESET}" if cfg.PRESET else "")
+    log.info("config: %s", settings(cfg))
+    for name, (before, after, why) in cfg.changes.items():
+        log.info("  %s = %r (%s; the file says %r)", name, after, why, before)
     log.info("environment: %s", environment(device))
     return log
+
+
+def warn_paper_on_cpu(cfg, device, log, projection):
+    """Before a paper-preset run on a CPU: say what it is projected to cost (README, Performance)."""
+    if cfg.PRESET == "paper" and device.type == "cpu":
+        log.warning("warning: the paper preset on a CPU: %s, projected from the 2-core CPU figures of README.md "
+                    "(Performance). Stop with Ctrl-C if that is too long: finished units are kept and a rerun "
+                    "resumes; or run on a GPU (DEVICE=auto picks one).", projection)
 
 
 @contextlib.contextmanager
@@ -222,35 +227,89 @@ def stage(log, name):
     log.info("%s: %.1f s", name, time.perf_counter() - start)
 
 
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def atomic_write(path, write):
-    """Call write(tmp_path), then rename over path: a crash never leaves a half-written file."""
+    """Call write(tmp_path), flush it to disk, then rename it over path and flush the folder: a crash
+    or a power loss leaves the old file or the new one, never half of one. Temporary files that a
+    killed process left next to path are removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = stale.name[len(path.name) + 2:-4]
+        if pid.isdigit() and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    # created like any new file, so the umask sets its permissions
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666))
     try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it normal permissions
+        write(str(tmp))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename itself durable
+            folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(obj, path):
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-def load_checkpoint(path, device="cpu"):
-    """Load a checkpoint of tensors and plain Python values; None if it is missing or unreadable."""
+def write_json(path, payload):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=1)))
+
+
+def plain(obj):
+    """obj as it reads back from JSON (tuples become lists), so stored and fresh configs compare."""
+    return json.loads(json.dumps(obj))
+
+
+_log = logging.getLogger("tanas")
+
+
+def read_saved(path, log=None):
+    """The content of a saved .pt or .json file; None if there is none. A file that exists but cannot
+    be read (empty, truncated, corrupt) is moved aside to <name>.corrupt with a warning, and is then
+    treated as missing, so the work is redone without overwriting the evidence."""
+    path = Path(path)
+    if not path.exists():
+        return None
     try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
+        if path.suffix == ".json":
+            return json.loads(path.read_text())
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # json, pickle, zip and unicode errors: the file is not what we wrote
+        aside = path.with_name(path.name + ".corrupt")
+        os.replace(path, aside)
+        (log or _log).warning("warning: %s cannot be read (%s: %s); moved aside to %s, redoing its work",
+                              path, type(e).__name__, str(e).splitlines()[0] if str(e) else "", aside.name)
         return None
-    except Exception:  # truncated or foreign file: treated as absent, so it is remade
-        return None
+
+
+def made_with(saved, config):
+    """Whether saved content (a dict with a "config" entry) was made with this config: the one rule
+    every step uses to decide whether earlier work can be reused."""
+    return isinstance(saved, dict) and plain(saved.get("config")) == plain(config)
+
+
+def load_current(path, config, log=None):
+    """The saved content of path when it was made with this config; else None."""
+    saved = read_saved(path, log)
+    return saved if made_with(saved, config) else None
 
 
 def fingerprint(*parts):
@@ -551,6 +610,9 @@ TASK_REGISTRY = {
 }
 DICTIONARY = ["mnist0", "mnist1", "mnist2", "mnist3", "mnist4",
               "tshirt", "trouser", "pullover", "dress", "coat"]  # the paper's base tasks
+# <task>_copy: the same labelled data, its network trained from another seed. A copy of a base task
+# should come out closest to its original: the validity check of a task distance.
+TASK_REGISTRY.update({f"{n}_copy": replace(TASK_REGISTRY[n], seed=1) for n in DICTIONARY})
 PAPER_TARGET = "qd_moon"       # the paper's target: "moon" among 10 Quick, Draw! classes
 HELD_OUT_TARGET = "sandal"     # a target on the bundled data, for runs without Quick, Draw!
 
@@ -645,12 +707,13 @@ def adam(params, lr, device, **kw):
 
 
 @torch.inference_mode()
-def predict(model, x, batch_size=1000):
-    """Outputs of model on x, in evaluation mode, batch by batch; moves x to the model's device."""
+def predict(model, x, batch_size=1000, precision="fp32"):
+    """fp32 outputs of model on x, in evaluation mode, batch by batch; moves x to the model's device."""
     model.eval()
     device = next(model.parameters()).device
-    return torch.cat([model(x[i:i + batch_size].to(device)).float().cpu()
-                      for i in range(0, len(x), batch_size)])
+    with autocast(precision, device):
+        return torch.cat([model(x[i:i + batch_size].to(device)).float().cpu()
+                          for i in range(0, len(x), batch_size)])
 
 
 def auroc(scores, labels):
@@ -671,18 +734,33 @@ def classification_metrics(logits, y):
     pred = logits.argmax(1)
     classes = torch.unique(y)
     recalls = torch.stack([(pred[y == c] == c).float().mean() for c in classes])
-    prob = torch.softmax(logits, 1).numpy()
+    # scores are log-odds from the logits: softmax probabilities saturate to equal values in float32
+    logits = logits.double()
     if logits.shape[1] == 2:
-        area = auroc(prob[:, 1], (y == 1).numpy())
+        area = auroc((logits[:, 1] - logits[:, 0]).numpy(), (y == 1).numpy())
     else:
-        area = float(np.mean([auroc(prob[:, c], (y == c).numpy()) for c in classes.tolist()]))
+        log_odds = lambda c: logits[:, c] - torch.logsumexp(logits[:, torch.arange(logits.shape[1]) != c], 1)
+        area = float(np.mean([auroc(log_odds(c).numpy(), (y == c).numpy()) for c in classes.tolist()]))
     return dict(error=100 * float((pred != y).float().mean()),
                 balanced_error=100 * float(1 - recalls.mean()), auroc=area)
 
 
-def train_step(model, optimizer, xb, yb, loss_fn):
-    """Forward, backward and an optimizer step on one batch; returns the loss."""
-    loss = loss_fn(model(xb), yb)
+PRECISIONS = ("fp32", "bf16")
+
+
+def autocast(precision, device):
+    """The context a forward pass runs in: bf16 through torch.autocast, or fp32 as it is. Weights,
+    gradients, optimizer state and losses stay fp32 either way."""
+    if precision not in PRECISIONS:
+        raise UserError(f"PRECISION={precision!r}: use one of {', '.join(PRECISIONS)}")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def train_step(model, optimizer, xb, yb, loss_fn, precision="fp32"):
+    """Forward (in `precision`), backward and an optimizer step on one batch; returns the loss."""
+    with autocast(precision, xb.device):
+        out = model(xb)
+    loss = loss_fn(out.float(), yb)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -690,15 +768,37 @@ def train_step(model, optimizer, xb, yb, loss_fn):
 
 
 def train_epoch(model, optimizer, x, y, batch_size, generator, device, loss_fn=None, progress=None,
-                step=train_step):
+                step=train_step, precision="fp32"):
     """One shuffled pass over (x, y), a step per batch; returns the mean training loss."""
     loss_fn = loss_fn or torch.nn.functional.cross_entropy
     model.train()
     total, count = torch.zeros((), device=device), 0
     for idx in batches(len(x), batch_size, True, generator):
         xb, yb = x[idx].to(device, non_blocking=True), y[idx].to(device, non_blocking=True)
-        total += step(model, optimizer, xb, yb, loss_fn) * len(idx)
+        total += step(model, optimizer, xb, yb, loss_fn, precision) * len(idx)
         count += len(idx)
         if progress is not None:
             progress.update(len(idx))
     return float(total) / max(count, 1)
+
+
+def fit(model, train, epochs, batch_size, lr, seed, device, label="training"):
+    """Train model on a split with Adam (lr) for `epochs` shuffled passes (order seeded by seed),
+    with a progress bar; returns the mean loss of every epoch."""
+    from tqdm import tqdm
+    optimizer = adam(model.parameters(), lr, device)
+    generator = torch.Generator().manual_seed(seed)
+    with tqdm(total=epochs * len(train.x), desc=label, unit="img", leave=False, mininterval=1) as bar:
+        return [train_epoch(model, optimizer, train.x, train.y, batch_size, generator, device, progress=bar)
+                for _ in range(epochs)]
+
+
+def evaluate(model, data, batch_size=1000, splits=("val", "test")):
+    """Error %, balanced error % and AUROC of model on each split of a TaskData, keyed '<split>_<metric>'."""
+    metrics = {}
+    for split in splits:
+        part = getattr(data, split)
+        scores = classification_metrics(predict(model, part.x, batch_size), part.y)
+        metrics.update({f"{split}_{k}": v for k, v in scores.items()})
+    return metrics
+

@@ -1,8 +1,8 @@
 """End to end: wall-clock and peak memory (RSS) of each step of a preset, run as a user runs it.
 
-python benchmarks/bench_pipeline.py [--size=smoke|full] [--presets quick paper] [--mode=auto|measure|project]
+python benchmarks/bench_pipeline.py [--size=smoke|full] [--presets plain paper] [--mode=auto|measure|project]
 Each step is its own process (train_task.py, prune_transform.py, model_FUSE.py) with the preset,
-a DATA_DIR and a temporary CKPT_DIR: `quick` and `smoke` on a DATA_DIR holding only the bundled
+a DATA_DIR and a temporary CKPT_DIR: `plain` (no preset) and `smoke` on a DATA_DIR holding only the bundled
 sample, `paper` on --data (full MNIST / Fashion-MNIST).
 measure: the whole preset is run.
 project: each step runs one unit of its work (step 1: two tasks; step 2: one pair with one training
@@ -11,7 +11,7 @@ epoch, and one epoch of each comparison row) and the whole step is projected fro
 image pass the scripts' records give (a training image counts 3 passes, an evaluated one 1). Every
 sweep is projected to the last pruning level and every round to MAX_ALTERNATIONS: upper bounds.
 Peak RSS is that of the process that ran: the unit's, in project mode.
-auto: measure quick and smoke, project paper.
+auto: measure plain and smoke, project paper.
 Writes <out>/pipeline.csv.
 """
 import json
@@ -32,12 +32,13 @@ import utils
 STEPS = {"train_task": train_task, "prune_transform": prune_transform, "model_FUSE": model_FUSE}
 SOURCE, TARGET = "tshirt", utils.HELD_OUT_TARGET  # the smallest chain the three steps accept
 SIZES = {"smoke": dict(presets=["smoke"], mode="project", unit_train=64, unit_images=32, unit_eval=64),
-         "full": dict(presets=["quick", "paper"], mode="auto", unit_train=0, unit_images=500, unit_eval=500)}
+         "full": dict(presets=["plain", "paper"], mode="auto", unit_train=0, unit_images=500, unit_eval=500)}
+PRESET_NAMES = ("plain", "paper", "smoke")  # plain: each script's constants as written (PRESET='')
 
 
 def arguments(argv):
     p = common.parser(__doc__.splitlines()[0], SIZES)
-    p.add_argument("--presets", nargs="+", choices=tuple(utils.PRESETS), help="presets to run")
+    p.add_argument("--presets", nargs="+", choices=PRESET_NAMES, help="presets to run (plain: no preset)")
     p.add_argument("--mode", choices=("auto", "measure", "project"), help="run whole steps or units of them")
     p.add_argument("--unit-train", type=int, help="project mode, steps 1-2: TRAIN_LIMIT of the unit runs "
                    "(0: the preset's; the whole split keeps the peak RSS representative)")
@@ -60,13 +61,17 @@ def data_dir(preset, args, tmp):
 
 def run_step(step, preset, data, ckpt, overrides, args, tmp):
     """Wall-clock seconds and peak RSS (MiB) of one step's process."""
-    cmd = [sys.executable, f"{step}.py", f"--PRESET={preset}", f"--DATA_DIR={data}", f"--CKPT_DIR={ckpt}",
+    cmd = [sys.executable, f"{step}.py", f"--PRESET={preset_value(preset)}", f"--DATA_DIR={data}", f"--CKPT_DIR={ckpt}",
            f"--DEVICE={args.device}", *overrides]
     return common.run_child(cmd, tmp / f"{preset}_{step}.log")
 
 
+def preset_value(preset):
+    return "" if preset == "plain" else preset
+
+
 def full_config(step, preset, data):
-    return utils.configure(vars(STEPS[step]), [f"--PRESET={preset}", f"--DATA_DIR={data}"])
+    return utils.configure(vars(STEPS[step]), [f"--PRESET={preset_value(preset)}", f"--DATA_DIR={data}"])
 
 
 # ----------------------------------------------------------------------------- units and projections
@@ -80,9 +85,9 @@ def unit_overrides(step, preset, args):
     limits += [f"--TRAIN_LIMIT={args.unit_train}"] if args.unit_train else []
     if step == "train_task":
         return [f"--TASKS={[SOURCE, TARGET]}", *limits]
-    step_size = full_config(step, preset, "").PRUNE_STEP
-    return [f"--SOURCES={[SOURCE]}", f"--TARGETS={[TARGET]}", "--TRANSFER_EPOCHS=1", "--FINETUNE_EPOCHS=1",
-            f"--MAX_SPARSITY={step_size}", *limits]
+    first_level = full_config(step, preset, "").PRUNE_LEVELS[0]
+    return [f"--SOURCES={[SOURCE]}", f"--TARGETS={[TARGET]}", "--TRANSFER_EPOCHS=1",
+            f"--PRUNE_LEVELS={[first_level]}", *limits]
 
 
 def split_sizes(cfg, limit=0):
@@ -120,7 +125,7 @@ def prune_transform_parts(ckpt, full, unit):
     pair = json.loads((ckpt / "distances" / "pairs" / f"{SOURCE}__{TARGET}.json").read_text())
     (u_train, u_val, _), (f_train, f_val, _) = split_sizes(unit), split_sizes(full)
     u_epochs = unit.TRANSFER_EPOCHS + (len(pair["curve"]) - 1) * unit.FINETUNE_EPOCHS
-    f_epochs = full.TRANSFER_EPOCHS + int(full.MAX_SPARSITY / full.PRUNE_STEP + 1e-9) * full.FINETUNE_EPOCHS
+    f_epochs = full.TRANSFER_EPOCHS + len(full.PRUNE_LEVELS) * full.FINETUNE_EPOCHS
     return [([pair["extract_seconds"]], 2 * (u_train + u_val), f_train + f_val, extractions(full)),
             ([pair["seconds"] - pair["extract_seconds"]], passes(u_train, u_epochs, 0), passes(f_train, f_epochs, 0),
              len(full.SOURCES) * len(full.TARGETS))]
@@ -173,7 +178,8 @@ def run_preset(preset, mode, args, tmp):
         row = dict(preset=preset, step=number, script=f"{step}.py", mode=mode, wall_s=wall, peak_rss_mib=rss,
                    projected_s=wall, unit="whole step")
         if mode == "project":  # the run's time outside the unit's work (start-up, data, reports) is kept
-            unit_cfg = utils.configure(vars(STEPS[step]), [f"--PRESET={preset}", f"--DATA_DIR={data}", *overrides])
+            unit_cfg = utils.configure(vars(STEPS[step]), [f"--PRESET={preset_value(preset)}", f"--DATA_DIR={data}",
+                                                           *overrides])
             work, projected = project(PARTS[step](ckpt, full_config(step, preset, data), unit_cfg))
             row.update(projected_s=wall - work + projected, unit=UNITS[step])
         rows.append(row)

@@ -1,17 +1,19 @@
 """Step 2: one (source, target) pair, ours against the naive way, phase by phase.
 
 python benchmarks/bench_step2.py [--size=smoke|full] [--limit=N] [--val-limit=N] [--epochs=E]
-                                 [--finetune-epochs=F] [--prune-step=S] [--repeats=R]
+                                 [--finetune-epochs=F] [--repeats=R]
 Phases: feature extraction (both networks on the target's training and validation images), training
-the transfer net (--epochs), the pruning sweep (every level up to the paper's 95 %, --finetune-epochs
-each: the accuracy threshold is disabled so that both ways run the same levels).
-Ours: prune_transform.FeatureCache (utils.predict under inference_mode) and prune_transform.measure_pair.
+the transfer net (--epochs), the pruning sweep (every level of PRUNE_LEVELS, each pruned one-shot from
+the trained net, fine-tuned --finetune-epochs and scored; the tolerance is disabled so that both ways
+run the same levels).
+Ours: prune_transform.FeatureCache (utils.predict under inference_mode), train_transfer and Sweep.
 Naive: encoder features by a DataLoader of per-image ToTensor batches of 64 under no_grad, kept as
 NumPy arrays; then a per-sample Dataset over those arrays, DataLoader(batch_size=200, shuffle=True),
-plain Adam, the same TransferNet and pruning schedule.
+plain Adam, the same TransferNet, and torch's L1Unstructured global pruning at every level.
 Writes <out>/step2.csv: median seconds per phase, the ratio, FLOP/s against the roofline, and the
 time per unit projected to the paper's budget for one pair on the full split (whole sweep: an upper bound).
 """
+import copy
 from types import SimpleNamespace
 
 import numpy as np
@@ -26,8 +28,8 @@ import utils
 from models import BaseCNN, TransferNet
 
 SOURCE, TARGET = "mnist0", "mnist1"  # the pair's networks are freshly initialised: weights do not change the time
-SIZES = {"smoke": dict(limit=64, val_limit=32, epochs=1, finetune_epochs=1, prune_step=0.5, repeats=1),
-         "full": dict(limit=10_000, val_limit=2_000, epochs=1, finetune_epochs=1, prune_step=0.05, repeats=3)}
+SIZES = {"smoke": dict(limit=64, val_limit=32, epochs=1, finetune_epochs=1, repeats=1),
+         "full": dict(limit=10_000, val_limit=2_000, epochs=1, finetune_epochs=0, repeats=3)}
 EXTRACT_BATCH = 64  # the naive extraction's batch, as in training
 
 
@@ -36,8 +38,7 @@ def arguments(argv):
     p.add_argument("--limit", type=int, help="training images of the target (features to map)")
     p.add_argument("--val-limit", type=int, help="validation images of the target (scoring)")
     p.add_argument("--epochs", type=int, help="transfer-net training epochs (the paper: 10)")
-    p.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs per pruning level (the paper: 10)")
-    p.add_argument("--prune-step", type=float, help="share of the weights pruned per level (the paper: 0.05)")
+    p.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs per pruning level (released code: 10)")
     return common.parse(p, argv)
 
 
@@ -58,14 +59,14 @@ def load_pair(args):
 
 
 def pair_config(args, *extra):
+    levels = ["--PRUNE_LEVELS=[0.5, 0.9]"] if args.smoke else []
     return common.data_config(prune_transform, args.data, f"--TRANSFER_EPOCHS={args.epochs}",
-                              f"--FINETUNE_EPOCHS={args.finetune_epochs}", f"--PRUNE_STEP={args.prune_step}",
-                              *extra)
+                              f"--FINETUNE_EPOCHS={args.finetune_epochs}", *levels, *extra)
 
 
 def levels(cfg):
-    """Pruning levels of a whole sweep, as measure_pair counts them."""
-    return int(cfg.MAX_SPARSITY / cfg.PRUNE_STEP + 1e-9)
+    """Pruning levels of a whole sweep."""
+    return len(cfg.PRUNE_LEVELS)
 
 
 # ----------------------------------------------------------------------------- ours
@@ -74,15 +75,19 @@ def ours_extract(data, networks, cfg):
     return [cache.get(name, net.encoder, data) for name, net in networks.items()]
 
 
+def make_pair(data, networks, feats, cfg, device):
+    return prune_transform.make_pair(*feats, networks[TARGET].head, data.train.y, data.val.y, cfg.FEATURES, device)
+
+
 def ours_phases(data, networks, feats, args):
-    """Each phase through the step's own code: training alone (no pruning level), then the sweep
-    alone (no training epoch, threshold out of reach)."""
-    head, labels = networks[TARGET].head, data.val.y
-    train_cfg = pair_config(args, "--MAX_SPARSITY=0.0")
-    sweep_cfg = pair_config(args, "--TRANSFER_EPOCHS=0", "--EPSILON=1e9")
-    return {"extract": lambda: ours_extract(data, networks, train_cfg),
-            "train": lambda: prune_transform.measure_pair(*feats, head, labels, train_cfg, args.device),
-            "sweep": lambda: prune_transform.measure_pair(*feats, head, labels, sweep_cfg, args.device)}
+    """Each phase through the step's own code: training alone, then the sweep of the trained net alone
+    (tolerance out of reach: every level is measured)."""
+    cfg, sweep_cfg = pair_config(args), pair_config(args, "--TOLERANCE=1e9", "--REFINE=0.0")
+    pair = make_pair(data, networks, feats, cfg, args.device)
+    net, optimizer, generator, _ = prune_transform.train_transfer(pair, cfg, args.device)
+    return {"extract": lambda: ours_extract(data, networks, cfg),
+            "train": lambda: prune_transform.train_transfer(pair, cfg, args.device),
+            "sweep": lambda: prune_transform.Sweep(net, optimizer, generator, pair, sweep_cfg, args.device).run()}
 
 
 # ----------------------------------------------------------------------------- naive
@@ -126,27 +131,24 @@ def naive_score(net, head, loader, device):
 
 
 def naive_train(loaders, head, cfg, device):
-    torch.manual_seed(cfg.SEED)
+    torch.manual_seed(cfg.TRANSFER_SEED)
     net = TransferNet().to(device)
-    naive_fit(net, torch.optim.Adam(net.parameters(), lr=cfg.TRANSFER_LR), loaders[0],
-              cfg.TRANSFER_EPOCHS, device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.LR)
+    naive_fit(net, optimizer, loaders[0], cfg.TRANSFER_EPOCHS, device)
     naive_score(net, head, loaders[1], device)
-    return net
+    return net, optimizer
 
 
-def naive_sweep(loaders, head, cfg, device):
-    """The same schedule: global L1 pruning of PRUNE_STEP more of the weights per level, each level
-    fine-tuned by the training's optimizer."""
-    torch.manual_seed(cfg.SEED)
-    net = TransferNet().to(device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.TRANSFER_LR)
-    layers = [(m, "weight") for m in net.weight_layers()]
-    n_weights = sum(m.weight.numel() for m, _ in layers)
-    pruned = 0
-    for level in range(1, levels(cfg) + 1):
-        amount = round(level * cfg.PRUNE_STEP * n_weights) - pruned
+def naive_sweep(trained, loaders, head, cfg, device):
+    """The same schedule: every level pruned from the trained net with torch's global L1Unstructured,
+    fine-tuned by a copy of the training's optimizer, and scored."""
+    for sparsity in cfg.PRUNE_LEVELS:
+        net = copy.deepcopy(trained[0])
+        optimizer = torch.optim.Adam(net.parameters(), lr=cfg.LR)
+        optimizer.load_state_dict(trained[1].state_dict())
+        layers = [(m, "weight") for m in net.weight_layers()]
+        amount = round(sparsity * sum(m.weight.numel() for m, _ in layers))
         prune.global_unstructured(layers, pruning_method=prune.L1Unstructured, amount=amount)
-        pruned += amount
         naive_fit(net, optimizer, loaders[0], cfg.FINETUNE_EPOCHS, device)
         naive_score(net, head, loaders[1], device)
 
@@ -155,38 +157,42 @@ def naive_phases(data, networks, feats, args):
     cfg = pair_config(args)
     images = [torch.utils.data.DataLoader(common.NaiveImages(s), batch_size=EXTRACT_BATCH)
               for s in (data.train, data.val)]
-    (src_train, src_val), (tgt_train, tgt_val) = [[f.numpy() for f in pair] for pair in feats]
-    loaders = (torch.utils.data.DataLoader(ArrayDataset(src_train, tgt_train), batch_size=cfg.TRANSFER_BATCH,
+    pair = make_pair(data, networks, feats, cfg, torch.device("cpu"))
+    loaders = (torch.utils.data.DataLoader(ArrayDataset(pair.x.numpy(), pair.y.numpy()), batch_size=cfg.BATCH_SIZE,
                                            shuffle=True),
-               torch.utils.data.DataLoader(ArrayDataset(src_val, tgt_val, data.val.y.numpy()),
-                                           batch_size=cfg.TRANSFER_BATCH))
-    head = networks[TARGET].head
+               torch.utils.data.DataLoader(ArrayDataset(pair.x_val.numpy(), pair.y_val.numpy(), data.val.y.numpy()),
+                                           batch_size=cfg.BATCH_SIZE))
+    head = lambda out: networks[TARGET].head(pair.readout(out))
+    trained = naive_train(loaders, head, cfg, args.device)
     return {"extract": lambda: naive_extract(images, networks, args.device),
             "train": lambda: naive_train(loaders, head, cfg, args.device),
-            "sweep": lambda: naive_sweep(loaders, head, cfg, args.device)}
+            "sweep": lambda: naive_sweep(trained, loaders, head, cfg, args.device)}
 
 
 # ----------------------------------------------------------------------------- report
 def units(cfg, n_train, n_val):
-    """Work of each phase: images through an encoder, and sample-epochs of the transfer net."""
+    """Work of each phase: images through an encoder; transfer-net training samples; and for the sweep,
+    fine-tuning samples plus scored validation samples (their FLOP, below, tell them apart)."""
     return {"extract": 2 * (n_train + n_val), "train": n_train * cfg.TRANSFER_EPOCHS,
-            "sweep": n_train * levels(cfg) * cfg.FINETUNE_EPOCHS}
+            "sweep": levels(cfg) * (n_train * cfg.FINETUNE_EPOCHS + n_val)}
 
 
-def flop_per_unit():
+def flop_per_unit(cfg, n_train, n_val):
     """FLOP of one unit of each phase: an encoder forward; a transfer-net training step (its forward,
-    the weight gradients, and the input gradients of every layer but the first: features need none)."""
+    the weight gradients, and the input gradients of every layer but the first: features need none);
+    in the sweep, the mix of fine-tuning steps and forward passes."""
     layers = TransferNet().weight_layers()
     forward = sum(2 * m.weight.numel() for m in layers)          # one sample
     train = 3 * forward - 2 * layers[0].weight.numel()
     encoder = common.base_cnn_forward_flop() - 2 * 1024 * 2      # without the head
-    return {"extract": encoder, "train": train, "sweep": train}
+    tuned = n_train * cfg.FINETUNE_EPOCHS
+    return {"extract": encoder, "train": train, "sweep": (tuned * train + n_val * forward) / (tuned + n_val)}
 
 
 def rows(seconds, args, data, peak):
     measured = units(pair_config(args), len(data.train.x), len(data.val.x))
     paper = units(common.data_config(prune_transform, args.data), common.PAPER_TRAIN, common.PAPER_VAL)
-    flop = flop_per_unit()
+    flop = flop_per_unit(pair_config(args), len(data.train.x), len(data.val.x))
     out = []
     for phase, times in seconds.items():
         for variant, s in times.items():

@@ -116,7 +116,7 @@ def naive_round(genotypes, loaders, cfg, device):
 
 
 def naive_loaders(train, val, cfg):
-    return tuple(torch.utils.data.DataLoader(common.NaiveImages(split), batch_size=cfg.BATCH, shuffle=True)
+    return tuple(torch.utils.data.DataLoader(common.NaiveImages(split), batch_size=cfg.BATCH_SIZE, shuffle=True)
                  for split in (train, val))
 
 
@@ -153,7 +153,7 @@ def main(argv=None):
     weight_flop = cfg.MAX_ALTERNATIONS * cfg.W_EPOCHS * len(train.x) * flop
     rows = [dict(variant=v, images=len(train.x), val_images=len(val.x), alternations=cfg.MAX_ALTERNATIONS,
                  w_epochs=cfg.W_EPOCHS, alpha_epochs=cfg.ALPHA_EPOCHS, candidates=cfg.CANDIDATES, C=cfg.C,
-                 N=cfg.N, batch=cfg.BATCH, repeats=args.repeats, median_s=s,
+                 N=cfg.N, batch=cfg.BATCH_SIZE, repeats=args.repeats, median_s=s,
                  speedup_vs_naive=seconds["naive"] / s, train_flop_per_image=flop,
                  **common.share(weight_flop, s, peak), **common.context(args.device, peak, device))
             for v, s in seconds.items()]

@@ -10,4 +10,4 @@ from .genotypes import (
     standard_space,
     task_aware_space,
 )
-from .network import FuseMixture, SearchNetwork, build_network, count_parameters
+from .network import FuseMixture, GenotypeNetwork, build_network, count_parameters

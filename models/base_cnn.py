@@ -1,4 +1,4 @@
-"""The paper's epsilon-representative network for a task (SPEC section 4)."""
+"""The paper's epsilon-representative network for a task."""
 from torch import nn
 
 FEATURES = 1024  # width of the encoder output: the "hidden features" the task distance compares

@@ -60,7 +60,9 @@ class GlobalAvgPool(nn.Module):
         return x.mean(dim=(2, 3))
 
 
-class SearchNetwork(nn.Module):
+class GenotypeNetwork(nn.Module):
+    """The fixed network a genotype describes: stem, 3 stages of N cells with 2 reductions, head."""
+
     def __init__(self, genotype: Genotype, num_classes: int, in_channels: int = 1) -> None:
         super().__init__()
         self.genotype = genotype
@@ -82,8 +84,8 @@ class SearchNetwork(nn.Module):
         return self.classifier(self.head(self.cells(self.stem(x))))
 
 
-def build_network(genotype: Genotype, num_classes: int, in_channels: int = 1) -> SearchNetwork:
-    return SearchNetwork(genotype, num_classes, in_channels)
+def build_network(genotype: Genotype, num_classes: int, in_channels: int = 1) -> GenotypeNetwork:
+    return GenotypeNetwork(genotype, num_classes, in_channels)
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -108,7 +110,8 @@ class FuseMixture(nn.Module):
         w = torch.softmax(self.alpha, dim=0).to(logits.dtype)
         return torch.einsum("c,c...->...", w, logits)
 
-    def weights(self) -> torch.Tensor:
+    def softmax_alpha(self) -> torch.Tensor:
+        """The candidates' mixing weights softmax(α), detached."""
         return torch.softmax(self.alpha, dim=0).detach()
 
     def candidate_parameters(self) -> Iterator[nn.Parameter]:

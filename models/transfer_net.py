@@ -1,4 +1,4 @@
-"""The fixed-size transfer network whose pruned size is the task distance (SPEC section 5)."""
+"""The fixed-size transfer network whose pruned size is the task distance."""
 from torch import nn
 
 from .base_cnn import FEATURES

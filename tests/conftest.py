@@ -1,13 +1,10 @@
-"""Shared fixtures: tiny synthetic datasets in the Kaggle CSV layout, written into tmp folders."""
-import sys
+"""Shared fixtures: tiny synthetic datasets in the Kaggle CSV layout, and a script runner."""
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's modules, from any cwd
-
-import utils  # noqa: E402
+import utils
 
 
 def synthetic(per_class, classes=range(10), seed=0):
@@ -44,3 +41,13 @@ def _fresh_dataset_caches():
     utils._read_dataset.cache_clear()
     utils._splits.cache_clear()
     yield
+
+
+@pytest.fixture(scope="session")
+def run_script():
+    """run_script(module, data_dir, ckpt_dir, *args): the script's main() as a user runs it, with the
+    smoke preset on the CPU; returns what main returns."""
+    def run(module, data_dir, ckpt_dir, *args):
+        return module.main([f"--DATA_DIR={data_dir}", f"--CKPT_DIR={ckpt_dir}", "--PRESET=smoke",
+                            "--DEVICE=cpu", *args])
+    return run

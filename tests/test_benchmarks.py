@@ -1,6 +1,5 @@
 """The benchmarks' smoke sizes: each runs, writes its CSV with the expected columns and positive figures."""
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -8,14 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-import bench_pipeline  # noqa: E402
-import bench_step1  # noqa: E402
-import bench_step2  # noqa: E402
-import bench_step3  # noqa: E402
-import common  # noqa: E402
-from models import BaseCNN  # noqa: E402
+import bench_pipeline
+import bench_step1
+import bench_step2
+import bench_step3
+import common
+from models import BaseCNN
 
 
 def run(bench, out, name):

@@ -9,19 +9,55 @@ import utils
 
 
 def script_constants(**changes):
-    """The UPPER_CASE constants of a made-up script, as configure() receives its globals()."""
-    ns = dict(PRESET="quick", DATA_DIR="data", CKPT_DIR="checkpoints", DEVICE="auto", SEED=0,
+    """The globals of a made-up script, as configure() receives them: UPPER_CASE constants and PRESETS."""
+    ns = dict(PRESET="", DATA_DIR="data", CKPT_DIR="checkpoints", DEVICE="auto", SEED=0,
               DOWNLOAD=False, TASKS=["mnist0", "mnist1"], EPOCHS=7, TRAIN_LIMIT=0, LR=1e-3,
-              VAL_FRACTION=0.1, lowercase_ignored=1, NOT_A_SETTING=object())
+              VAL_FRACTION=0.1, lowercase_ignored=1, NOT_A_SETTING=object(),
+              PRESETS={"paper": dict(EPOCHS=1, LR=1e-3), "smoke": dict(TRAIN_LIMIT=400, EPOCHS=1)})
     ns.update(changes)
     return ns
 
 
-def test_defaults_are_the_file_constants_then_the_preset():
+def test_a_plain_run_uses_the_constants_as_written():
     cfg = utils.configure(script_constants(), [])
     assert cfg.SEED == 0 and cfg.LR == 1e-3 and cfg.TASKS == ["mnist0", "mnist1"]
-    assert cfg.EPOCHS == utils.PRESETS["quick"]["EPOCHS"]
+    assert cfg.EPOCHS == 7 and cfg.changes == {}
     assert not hasattr(cfg, "lowercase_ignored") and not hasattr(cfg, "NOT_A_SETTING")
+    assert "PRESETS" not in utils.settings(cfg)
+
+
+def test_an_edited_constant_reaches_each_script():
+    """Editing the constant at the top of a script changes what a plain run uses."""
+    import model_FUSE
+    import prune_transform
+    import train_task
+    for module, name, value in ((train_task, "EPOCHS", 3), (prune_transform, "TRANSFER_EPOCHS", 4),
+                                (model_FUSE, "C", 12)):
+        namespace = dict(vars(module), **{name: value})
+        assert getattr(utils.configure(namespace, []), name) == value
+
+
+def test_every_preset_names_constants_of_its_script():
+    import model_FUSE
+    import prune_transform
+    import train_task
+    for module in (train_task, prune_transform, model_FUSE):
+        assert set(module.PRESETS) == {"paper", "smoke"}
+        for preset in module.PRESETS:
+            utils.configure(vars(module), [f"--PRESET={preset}"])  # raises on a name the script lacks
+
+
+def test_a_preset_naming_an_unknown_constant_is_an_error():
+    ns = script_constants(PRESETS={"paper": dict(EPOHCS=1)})
+    with pytest.raises(utils.UserError, match="preset 'paper' sets EPOHCS, which is not a constant") as err:
+        utils.configure(ns, ["--PRESET=paper"])
+    assert "EPOCHS" in str(err.value)
+
+
+def test_changes_record_what_the_preset_and_the_command_line_changed():
+    cfg = utils.configure(script_constants(), ["--PRESET=smoke", "--SEED=4"])
+    assert cfg.changes == {"TRAIN_LIMIT": (0, 400, "preset smoke"), "EPOCHS": (7, 1, "preset smoke"),
+                           "SEED": (0, 4, "command line"), "PRESET": ("", "smoke", "command line")}
 
 
 @pytest.mark.parametrize("arg, name, value", [
@@ -41,11 +77,12 @@ def test_override_parsing(arg, name, value):
 
 
 def test_precedence_file_then_preset_then_command_line():
-    ns = script_constants(PRESET="paper", TRAIN_LIMIT=123)
-    assert utils.configure(ns, []).TRAIN_LIMIT == 0                   # the preset beats the file
-    assert utils.configure(ns, ["--PRESET=smoke"]).TRAIN_LIMIT == 400  # a preset chosen on the command line
+    ns = script_constants(PRESET="smoke", TRAIN_LIMIT=123)
+    assert utils.configure(ns, []).TRAIN_LIMIT == 400                   # the preset beats the file
+    assert utils.configure(ns, ["--PRESET=paper"]).TRAIN_LIMIT == 123   # paper leaves it: the file's value
+    assert utils.configure(ns, ["--PRESET="]).TRAIN_LIMIT == 123        # no preset: the file's value
     cfg = utils.configure(ns, ["--PRESET=smoke", "--TRAIN_LIMIT=7"])
-    assert cfg.TRAIN_LIMIT == 7 and cfg.PRESET == "smoke"             # the command line beats both
+    assert cfg.TRAIN_LIMIT == 7 and cfg.PRESET == "smoke"               # the command line beats both
     assert cfg.EPOCHS == 1 and cfg.SEED == 0  # untouched: preset value, file value
     assert ns["TRAIN_LIMIT"] == 123           # the script's globals are left alone
 
@@ -69,7 +106,7 @@ def test_unknown_preset_lists_presets():
     for argv, ns in ((["--PRESET=huge"], script_constants()), ([], script_constants(PRESET="huge"))):
         with pytest.raises(utils.UserError, match="unknown PRESET 'huge'") as err:
             utils.configure(ns, argv)
-        assert all(p in str(err.value) for p in utils.PRESETS)
+        assert "paper" in str(err.value) and "smoke" in str(err.value)
 
 
 @pytest.mark.parametrize("arg", ["--EPOCHS", "EPOCHS=2", "-EPOCHS=2"])

@@ -1,4 +1,4 @@
-"""Data: every bad input is a UserError that names the file, loading, tasks, splits and metrics."""
+"""Data: every bad input is a UserError that names the file, loading, tasks and splits."""
 import logging
 import re
 from pathlib import Path
@@ -240,33 +240,3 @@ def test_split_is_stratified_and_seeded():
     assert torch.equal(again[0], train) and torch.equal(again[1], val)
     other = utils.stratified_split(labels, 0.1, seed=1)
     assert not torch.equal(other[1], val)
-
-
-# ----------------------------------------------------------------------------- metrics
-def test_classification_metrics_by_hand():
-    y = torch.tensor([0, 0, 0, 1])
-    logits = torch.tensor([[2.0, 0.0], [2.0, 0.0], [0.0, 2.0], [0.0, 2.0]])  # one negative wrong
-    m = utils.classification_metrics(logits, y)
-    assert m["error"] == pytest.approx(25.0)
-    assert m["balanced_error"] == pytest.approx(100 * (1 / 3) / 2)  # miss rates 1/3 and 0
-    assert m["auroc"] == pytest.approx(5 / 6)  # 2.5 of 3 negative/positive pairs ordered (a tie)
-
-
-def test_auroc_extremes():
-    labels = np.array([0, 0, 1, 1, 1])
-    assert utils.auroc([0.1, 0.2, 0.7, 0.8, 0.9], labels) == 1.0
-    assert utils.auroc([0.9, 0.8, 0.3, 0.2, 0.1], labels) == 0.0
-    assert utils.auroc([0.5] * 5, labels) == 0.5
-    assert np.isnan(utils.auroc([0.1, 0.2], [1, 1]))
-    perfect = torch.tensor([[3.0, 0.0], [3.0, 0.0], [0.0, 3.0], [0.0, 3.0], [0.0, 3.0]])
-    assert utils.classification_metrics(perfect, torch.tensor(labels))["auroc"] == 1.0
-    assert utils.classification_metrics(-perfect, torch.tensor(labels))["auroc"] == 0.0
-
-
-def test_multiclass_metrics():
-    y = torch.tensor([0, 1, 2, 2])
-    logits = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0]), 3).float()
-    m = utils.classification_metrics(logits, y)
-    assert m["error"] == pytest.approx(25.0)
-    assert m["balanced_error"] == pytest.approx(100 * 0.5 / 3)
-    assert 0.5 < m["auroc"] <= 1.0

@@ -16,84 +16,229 @@ SOURCES = ["mnist0", "mnist1", "tshirt"]
 COPY = "mnist0_copy"  # the same labelled data as mnist0, its network trained from another seed
 TARGETS = ["mnist0", COPY]
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / utils.SAMPLE_DIR
-
-
-@pytest.fixture(autouse=True)
-def copy_task(monkeypatch):
-    monkeypatch.setitem(utils.TASK_REGISTRY, COPY, utils.Task("mnist", "indicator", (0,), seed=1))
+LIMITS = ["--TRAIN_LIMIT=2000", "--EVAL_LIMIT=600"]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, run_script):
     """Step-1 networks on part of the bundled real sample (synthetic images are too easy to rank)."""
     data = tmp_path_factory.mktemp("data")
     shutil.copytree(SAMPLE, data / utils.SAMPLE_DIR)
     ckpt = tmp_path_factory.mktemp("ckpt")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(utils.TASK_REGISTRY, COPY, utils.Task("mnist", "indicator", (0,), seed=1))
-        train_task.main(common(data, ckpt) + [f"--TASKS={SOURCES + [COPY]}"])
+    run_script(train_task, data, ckpt, f"--TASKS={SOURCES + [COPY]}", *LIMITS)
     return data, ckpt
 
 
-def common(data, ckpt):
-    return [f"--DATA_DIR={data}", f"--CKPT_DIR={ckpt}", "--PRESET=smoke", "--DEVICE=cpu",
-            "--TRAIN_LIMIT=600", "--EVAL_LIMIT=400"]
-
-
-def run(data, ckpt, sources, targets, *extra):
-    return prune_transform.main(common(data, ckpt) + [
-        f"--SOURCES={sources}", f"--TARGETS={targets}", "--TRANSFER_EPOCHS=5", "--TRANSFER_BATCH=50",
-        "--PRUNE_STEP=0.1", "--MAX_SPARSITY=0.5",
-        *extra])
+@pytest.fixture(scope="module")
+def run(run_script):
+    def run(data, ckpt, sources, targets, *extra):
+        return run_script(prune_transform, data, ckpt, f"--SOURCES={sources}", f"--TARGETS={targets}", *LIMITS,
+                          "--BATCH_SIZE=50", *extra)
+    return run
 
 
 @pytest.fixture(scope="module")
-def full_run(setup, tmp_path_factory):
+def full_run(setup, tmp_path_factory, run):
     data, ckpt = setup
     out = tmp_path_factory.mktemp("run")
     shutil.copytree(ckpt / "tasks", out / "tasks")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(utils.TASK_REGISTRY, COPY, utils.Task("mnist", "indicator", (0,), seed=1))
-        results = run(data, out, SOURCES, TARGETS)
-    return out, results
+    return out, run(data, out, SOURCES, TARGETS)
 
 
 def test_transfer_net_size():
     assert sum(p.numel() for p in TransferNet().parameters()) == 3_673_600
 
 
-def test_distances_in_range_diagonal_zero_and_files(full_run):
+# ----------------------------------------------------------------------------- pruning levels
+WEIGHTS, BIASES = 1024 * 2048 + 2048 * 512 + 512 * 1024, 2048 + 512 + 1024
+
+
+@pytest.mark.parametrize("sparsity", [0.05, 0.5, 0.9, 0.995])
+def test_a_one_shot_level_zeroes_exactly_the_smallest_weights(sparsity):
+    torch.manual_seed(0)
+    net = TransferNet()
+    magnitudes = torch.cat([m.weight.detach().abs().flatten() for m in net.weight_layers()])
+    prune_transform.prune_to(net, sparsity)
+    pruned = torch.cat([(m.weight == 0).flatten() for m in net.weight_layers()])
+    assert int(pruned.sum()) == round(sparsity * WEIGHTS)
+    assert magnitudes[pruned].max() <= magnitudes[~pruned].min()  # the smallest magnitudes, globally
+    assert all((m.bias != 0).all() for m in net.weight_layers())  # biases are kept
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.05, 0.25, 0.9, 0.975, 0.995])
+def test_kept_share_follows_its_formula(sparsity):
+    torch.manual_seed(0)
+    net = prune_transform.prune_to(TransferNet(), sparsity)
+    expected = 100 * (WEIGHTS - round(sparsity * WEIGHTS) + BIASES) / (WEIGHTS + BIASES)
+    assert prune_transform.kept_percent(net) == pytest.approx(expected, abs=1e-9)
+    # the paper's matrix holds these values: 90 %, 20 % and 10 % of the weights pruned
+    assert round(100 * (0.1 * WEIGHTS + BIASES) / (WEIGHTS + BIASES), 2) == 10.09
+
+
+def test_iterative_pruning_counts_the_weights_already_pruned():
+    torch.manual_seed(0)
+    net = TransferNet()
+    for sparsity in (0.3, 0.6, 0.9):
+        prune_transform.prune_to(net, sparsity)
+        assert prune_transform.pruned_weights(net) == round(sparsity * WEIGHTS)
+
+
+# ----------------------------------------------------------------------------- the stopping rule
+def curve(*performances, step=0.1):
+    return [dict(sparsity=round(i * step, 6), kept=100 - 10 * i, balanced_accuracy=p)
+            for i, p in enumerate(performances)]
+
+
+@pytest.mark.parametrize("performances, passing, failing", [
+    ((95, 95, 94.5, 94.0, 93.9, 99), 0.3, 0.4),   # 94.0 is exactly 1 point below: still passes
+    ((95, 96, 97, 97), 0.3, None),                 # never falls: the last level
+    ((95, 80, 95, 95), 0.0, 0.1),                  # the first level already falls: the unpruned net
+    ((95, 95, 90, 95, 95), 0.1, 0.2),              # a recovery after a fall does not count
+])
+def test_crossing_is_the_last_level_before_the_first_fall(performances, passing, failing):
+    points = curve(*performances)
+    last, first_fail = prune_transform.crossing(points[::-1], "balanced_accuracy", 1.0)  # any order
+    assert last["sparsity"] == passing
+    assert (first_fail and first_fail["sparsity"]) == failing
+
+
+def test_sweep_refines_the_crossing_by_bisection(monkeypatch):
+    edge = 0.63  # performance falls once more than 63 % of the weights are pruned
+    def evaluate(net, pair, cfg, device):
+        sparsity = prune_transform.pruned_weights(net) / WEIGHTS
+        return dict(balanced_accuracy=95.0 if sparsity <= edge else 60.0, accuracy=0, auroc=0, mse=0)
+    monkeypatch.setattr(prune_transform, "evaluate", evaluate)
+    cfg = utils.configure(vars(prune_transform), ["--PRUNE_LEVELS=[0.2, 0.4, 0.6, 0.8]", "--REFINE=0.01"])
+    torch.manual_seed(0)
+    sweep = prune_transform.Sweep(TransferNet(), None, None, None, cfg, torch.device("cpu"))
+    sweep.run()
+    visited = [round(p["sparsity"], 6) for p in sweep.curve]
+    # the grid to the end (no fine-tuning: every level is one evaluation), then 0.6 < edge < 0.8 bisected
+    assert visited == [0.0, 0.2, 0.4, 0.6, 0.625, 0.63125, 0.6375, 0.65, 0.7, 0.8]
+    last, first_fail = prune_transform.crossing(sweep.curve, "balanced_accuracy", cfg.TOLERANCE)
+    assert last["sparsity"] == 0.625 and first_fail["sparsity"] == 0.63125
+    assert first_fail["sparsity"] - last["sparsity"] <= cfg.REFINE
+
+
+def test_sweep_with_fine_tuning_stops_at_the_first_fall(monkeypatch):
+    calls = []
+    def evaluate(net, pair, cfg, device):
+        calls.append(prune_transform.pruned_weights(net) / WEIGHTS)
+        return dict(balanced_accuracy=95.0 if calls[-1] <= 0.45 else 60.0, accuracy=0, auroc=0, mse=0)
+    monkeypatch.setattr(prune_transform, "evaluate", evaluate)
+    monkeypatch.setattr(utils, "train_epoch", lambda *a, **k: 0.0)  # fine-tuning that changes nothing
+    cfg = utils.configure(vars(prune_transform), ["--PRUNE_LEVELS=[0.2, 0.4, 0.6, 0.8]", "--REFINE=0.0",
+                                                  "--FINETUNE_EPOCHS=1"])
+    net = TransferNet()
+    optimizer = utils.adam(prune_transform.ordered_parameters(net), 1e-3, torch.device("cpu"))
+    pair = prune_transform.Pair(*[None] * 8)
+    prune_transform.Sweep(net, optimizer, None, pair, cfg, torch.device("cpu")).run()
+    assert [round(c, 6) for c in calls] == [0.0, 0.2, 0.4, 0.6]  # 0.8 costs fine-tuning: not measured
+
+
+# ----------------------------------------------------------------------------- feasibility and ranking
+def result(source, target, measured, unpruned, performance="balanced_accuracy"):
+    return dict(source=source, target=target, measured_distance=measured,
+                unpruned={performance: unpruned}, config={"PERFORMANCE": performance})
+
+
+def test_infeasible_pairs_have_no_distance_and_rank_last():
+    level = 87.0
+    results = [prune_transform.decide(r, level, "balanced_accuracy") for r in (
+        result("a", "t", 30.0, 95.0), result("b", "t", 5.1, 50.0),   # b: broken transfer, nothing to lose
+        result("c", "t", 10.0, 88.0), result("d", "t", 10.0, 96.0),  # tie: the better transfer first
+        result("e", "t", 2.0, 86.9), result("t", "t", 7.0, 99.0))]
+    by_source = {r["source"]: r for r in results}
+    assert by_source["b"]["distance"] is None and not by_source["b"]["feasible"]
+    assert by_source["e"]["distance"] is None                      # just below the level
+    assert by_source["t"]["distance"] == 0.0                       # d(A, A) = 0 by convention
+    assert by_source["a"]["distance"] == 30.0 and by_source["a"]["feasibility_level"] == level
+    assert [r["source"] for r in prune_transform.rank_sources(results, "t")] == ["d", "c", "a", "e", "b"]
+
+
+def test_without_feasibility_every_pair_has_its_distance():
+    r = prune_transform.decide(result("b", "t", 5.1, 50.0), None, "balanced_accuracy")
+    assert r["feasible"] and r["distance"] == 5.1
+
+
+def test_feasibility_level_is_the_worst_base_network():
+    checkpoints = {name: {"metrics": {"val_balanced_error": e, "val_error": e / 2}}
+                   for name, e in (("a", 1.0), ("b", 13.0), ("c", 4.0))}
+    cfg = utils.configure(vars(prune_transform), ["--SOURCES=['a', 'b', 'c']"])
+    assert prune_transform.feasibility_level(checkpoints, cfg) == 87.0
+    cfg = utils.configure(vars(prune_transform), ["--SOURCES=['a', 'c']", "--PERFORMANCE=accuracy"])
+    assert prune_transform.feasibility_level(checkpoints, cfg) == 98.0
+    cfg = utils.configure(vars(prune_transform), ["--FEASIBILITY=none"])
+    assert prune_transform.feasibility_level(checkpoints, cfg) is None
+
+
+# ----------------------------------------------------------------------------- features
+def test_standardized_features_and_the_readout_back_to_the_target_units():
+    gen = torch.Generator().manual_seed(0)
+    xs, xt = torch.rand(50, 6, generator=gen) * 5, torch.relu(torch.randn(50, 6, generator=gen)) * 3
+    xt[:, 2] = 0  # a dead unit of the target network
+    head = torch.nn.Linear(6, 2)
+    labels = torch.randint(0, 2, (50,))
+    pair = prune_transform.make_pair((xs, xs[:10]), (xt, xt[:10]), head, labels, labels[:10], "standardized",
+                                     torch.device("cpu"))
+    torch.testing.assert_close(pair.x.mean(0), torch.zeros(6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(pair.x.std(0), torch.ones(6))
+    assert (pair.y[:, 2] == 0).all()
+    torch.testing.assert_close(pair.readout(pair.y), xt, atol=1e-5, rtol=0)  # a perfect transfer reads back exactly
+
+
+def test_uint8_features_are_the_released_codes_cast():
+    f = torch.tensor([[0.0, 0.7, 1.0, 3.9, 17.2, 256.5]])
+    labels = torch.zeros(1, dtype=torch.long)
+    pair = prune_transform.make_pair((f, f), (f, f), None, labels, labels, "uint8", torch.device("cpu"))
+    expected = torch.tensor([[0, 0, 1, 3, 17, 0]]) / 255  # truncated; 256 wraps to 0 as numpy's cast does
+    torch.testing.assert_close(pair.x, expected)
+    torch.testing.assert_close(pair.readout(pair.y), expected * 255)
+
+
+# ----------------------------------------------------------------------------- whole runs
+def test_matrix_files_and_the_diagonal(full_run):
     out, results = full_run
     matrix = pd.read_csv(out / "distances" / "matrix.csv", index_col=0)
     assert list(matrix.index) == SOURCES and list(matrix.columns) == TARGETS
-    assert ((matrix >= 0) & (matrix <= 100)).all().all()
-    assert matrix.at["mnist0", "mnist0"] == 0
+    assert matrix.at["mnist0", "mnist0"] == 0  # the paper's convention
     measured = pd.read_csv(out / "distances" / "matrix_measured.csv", index_col=0)
-    assert 0 < measured.at["mnist0", "mnist0"] <= 100  # the self-transfer is still measured  # the self-transfer is still measured
+    own = next(r for r in results if r["source"] == r["target"] == "mnist0")
+    assert measured.at["mnist0", "mnist0"] == pytest.approx(own["measured_distance"], abs=1e-4)  # kept as calibration
     for name in ("heatmap.png", "pruning_curves.png", "closest.json"):
         assert (out / "distances" / name).stat().st_size > 0
     assert len(list((out / "distances" / "pairs").glob("*.json"))) == len(SOURCES) * len(TARGETS)
+    for r in results:
+        path = out / "distances" / "transfer" / f"{r['source']}__{r['target']}.pt"
+        state = torch.load(path, weights_only=True)
+        net = TransferNet()
+        net.load_state_dict(state)
+        assert prune_transform.kept_percent(net) == pytest.approx(r["measured_distance"])
 
 
-def test_kept_share_never_rises_during_the_sweep(full_run):
+def test_distance_is_the_crossing_of_the_recorded_curve(full_run):
     _, results = full_run
     for r in results:
-        kept = [point["kept"] for point in r["curve"]]
+        sparsity = [p["sparsity"] for p in r["curve"]]
+        assert sparsity == sorted(sparsity) and sparsity[0] == 0.0 and len(sparsity) == 5  # smoke: 4 levels
+        kept = [p["kept"] for p in r["curve"]]
         assert kept == sorted(kept, reverse=True)
-        assert r["measured_distance"] in kept or r["measured_distance"] == 100.0
+        passing, _ = prune_transform.crossing(r["curve"], "balanced_accuracy", 1.0)
+        assert r["measured_distance"] == passing["kept"]
+        assert r["feasible"] == (r["unpruned"]["balanced_accuracy"] >= r["feasibility_level"])
+        assert r["distance"] == (0.0 if r["source"] == r["target"] else r["measured_distance"] if r["feasible"]
+                                 else None)
 
 
-def test_copy_of_a_base_task_is_closest_and_other_dataset_is_farther(full_run):
+def test_copy_of_a_base_task_is_closest(full_run):
     out, _ = full_run
     closest = json.loads((out / "distances" / "closest.json").read_text())["closest"][COPY]
-    distance = {c["task"]: c["distance"] for c in closest}
-    assert closest[0]["task"] == "mnist0"
-    assert distance["tshirt"] > distance["mnist0"]
+    assert closest[0]["task"] == "mnist0" and closest[0]["feasible"]
 
 
-def test_features_are_the_encoders_float_output_on_the_same_images(setup, monkeypatch):
+def test_features_are_the_encoders_float_output_on_the_same_images(setup):
     data, ckpt = setup
-    cfg = utils.configure(vars(prune_transform), common(data, ckpt))
+    cfg = utils.configure(vars(prune_transform), [f"--DATA_DIR={data}", f"--CKPT_DIR={ckpt}", *LIMITS])
     device = torch.device("cpu")
     task = utils.load_task("mnist1", cfg)
     net, _ = prune_transform.load_network("mnist0", utils.load_task("mnist0", cfg), cfg, device)
@@ -101,12 +246,12 @@ def test_features_are_the_encoders_float_output_on_the_same_images(setup, monkey
     with torch.inference_mode():
         expected = net.encoder(task.train.x)
     assert train.dtype == torch.float32
-    assert torch.equal(train, expected)  # not quantised (the released code cast features to uint8)
+    torch.testing.assert_close(train, expected)  # not quantised (the released code cast features to uint8)
     assert (train.frac() != 0).any()
     assert len(train) == len(task.train.x) and len(val) == len(task.val.x)
 
 
-def test_resume_after_a_kill_gives_the_same_matrix(setup, full_run, tmp_path, monkeypatch):
+def test_resume_after_a_kill_gives_the_same_matrix(setup, full_run, tmp_path, monkeypatch, run):
     data, ckpt = setup
     shutil.copytree(ckpt / "tasks", tmp_path / "tasks")
     real, calls = prune_transform.measure_pair, []
@@ -131,27 +276,67 @@ def test_resume_after_a_kill_gives_the_same_matrix(setup, full_run, tmp_path, mo
     pd.testing.assert_frame_equal(resumed, straight.loc[sources, [COPY]])
 
 
-def test_missing_checkpoint_names_the_step_1_command(setup, tmp_path):
+def test_a_run_for_one_target_keeps_the_targets_measured_before(setup, full_run, tmp_path, run):
+    data, _ = setup
+    shutil.copytree(full_run[0], tmp_path, dirs_exist_ok=True)
+    run(data, tmp_path, SOURCES, ["mnist1"])
+    closest = json.loads((tmp_path / "distances" / "closest.json").read_text())
+    assert set(closest["closest"]) == {"mnist1", *TARGETS} and set(closest["data"]) == {"mnist1", *TARGETS}
+    assert list(pd.read_csv(tmp_path / "distances" / "matrix.csv", index_col=0).columns) == ["mnist1", *TARGETS]
+
+
+def test_a_corrupt_pair_file_is_moved_aside_and_measured_again(setup, full_run, tmp_path, run):
+    data, _ = setup
+    shutil.copytree(full_run[0], tmp_path, dirs_exist_ok=True)
+    path = tmp_path / "distances" / "pairs" / "mnist1__mnist0.json"
+    path.write_text(path.read_text()[:100])
+    results = run(data, tmp_path, SOURCES, TARGETS)
+    assert (tmp_path / "distances" / "pairs" / "mnist1__mnist0.json.corrupt").exists()
+    assert "mnist1__mnist0.json cannot be read" in (tmp_path / "logs" / "prune_transform.log").read_text()
+    again = next(r for r in results if (r["source"], r["target"]) == ("mnist1", "mnist0"))
+    first = next(r for r in full_run[1] if (r["source"], r["target"]) == ("mnist1", "mnist0"))
+    assert again["curve"] == first["curve"]  # measured again, to the same numbers
+
+
+def test_a_retrained_network_invalidates_its_pairs(setup, full_run, tmp_path, monkeypatch, run):
+    data, _ = setup
+    shutil.copytree(full_run[0], tmp_path, dirs_exist_ok=True)
+    path = tmp_path / "tasks" / "tshirt.pt"
+    ckpt = utils.read_saved(path)
+    ckpt["state_dict"]["head.bias"] += 1.0  # as if retrained: same config and data, other weights
+    utils.save_checkpoint(ckpt, path)
+    calls = []
+    original = prune_transform.run_pair
+    monkeypatch.setattr(prune_transform, "run_pair", lambda source, *a: calls.append(source) or original(source, *a))
+    run(data, tmp_path, SOURCES, TARGETS)
+    assert calls == ["tshirt", "tshirt"]  # its pairs with both targets, nothing else
+
+
+def test_missing_checkpoint_names_the_step_1_command(setup, tmp_path, run):
     data, _ = setup
     with pytest.raises(utils.UserError, match=r"no step-1 network for task 'mnist1'.*python train_task.py"):
         run(data, tmp_path, ["mnist1"], ["mnist1"])
     assert not (tmp_path / "distances").exists()  # nothing written by the failed run
 
 
-def test_checkpoint_from_other_data_or_model_is_refused(setup, tmp_path):
+def test_checkpoint_from_other_data_or_model_is_refused(setup, tmp_path, run):
     data, ckpt = setup
     shutil.copytree(ckpt / "tasks", tmp_path / "tasks")
     with pytest.raises(utils.UserError, match="trained on other data"):
         run(data, tmp_path, ["mnist1"], ["mnist1"], "--VAL_FRACTION=0.2")
     path = tmp_path / "tasks" / "mnist1.pt"
-    state = utils.load_checkpoint(path)
+    state = utils.read_saved(path)
     state["state_dict"] = {k: v[:1] for k, v in state["state_dict"].items()}
     utils.save_checkpoint(state, path)
     with pytest.raises(utils.UserError, match="does not hold the base CNN"):
         run(data, tmp_path, ["mnist1"], ["mnist1"])
 
 
-def test_bad_reference_is_refused(setup, tmp_path):
+@pytest.mark.parametrize("arg, shown", [("--FEATURES=float16", "FEATURES='float16': use one of standardized"),
+                                        ("--PRUNE_LEVELS=[0.5, 0.2]", "PRUNE_LEVELS"),
+                                        ("--PRUNE_LEVELS=[0.5, 1.0]", "between 0 and 1"),
+                                        ("--PRECISION=fp16", "PRECISION='fp16'")])
+def test_bad_constants_are_refused(setup, tmp_path, run, arg, shown):
     data, ckpt = setup
-    with pytest.raises(utils.UserError, match="REFERENCE"):
-        run(data, ckpt, ["mnist1"], ["mnist1"], "--REFERENCE=own")
+    with pytest.raises(utils.UserError, match=shown):
+        run(data, ckpt, ["mnist1"], ["mnist1"], arg)

@@ -154,8 +154,8 @@ def test_fuse_mixture_matches_hand_computed_softmax():
         w = torch.softmax(torch.tensor([0.5, -1.0, 2.0]), 0)
         expected = sum(w[c] * nets[c](x) for c in range(3))
         torch.testing.assert_close(mix(x), expected)
-    assert torch.allclose(mix.weights().sum(), torch.tensor(1.0))
-    assert not mix.weights().requires_grad
+    assert torch.allclose(mix.softmax_alpha().sum(), torch.tensor(1.0))
+    assert not mix.softmax_alpha().requires_grad
     cand = {id(p) for p in mix.candidate_parameters()}
     assert id(mix.alpha) not in cand
     assert cand == {id(p) for n in nets for p in n.parameters()}

@@ -18,21 +18,6 @@ def test_base_cnn_size_and_features():
     assert BaseCNN(10)(x).shape == (3, 10)
 
 
-def test_adam_steps_lower_the_loss():
-    torch.manual_seed(0)
-    model = BaseCNN(2)
-    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 2, (16,))
-    optimizer = utils.adam(model.parameters(), 1e-3, torch.device("cpu"))
-    losses = []
-    for _ in range(5):
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
-
-
 # ----------------------------------------------------------------------------- train_task.main
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, make_kaggle):
@@ -42,23 +27,23 @@ def data_dir(tmp_path_factory, make_kaggle):
     return folder
 
 
-def run(data_dir, ckpt_dir, *extra):
+@pytest.fixture
+def run(run_script):
     # 128 training images: 4 batches of the smoke preset, about a second on a CPU
-    return train_task.main([f"--DATA_DIR={data_dir}", f"--CKPT_DIR={ckpt_dir}", "--PRESET=smoke",
-                            "--DEVICE=cpu", "--TASKS=['mnist0']", "--TRAIN_LIMIT=128", *extra])
+    return lambda data_dir, ckpt_dir, *extra: run_script(train_task, data_dir, ckpt_dir, "--TASKS=['mnist0']",
+                                                         "--TRAIN_LIMIT=128", *extra)
 
 
 @pytest.fixture(scope="module")
-def first_run(data_dir, tmp_path_factory):
+def first_run(data_dir, tmp_path_factory, run_script):
     ckpt_dir = tmp_path_factory.mktemp("ckpt_a")
-    table = run(data_dir, ckpt_dir)
+    table = run_script(train_task, data_dir, ckpt_dir, "--TASKS=['mnist0']", "--TRAIN_LIMIT=128")
     return ckpt_dir, table
 
 
-def test_first_run_trains_and_writes_a_checkpoint(first_run):
+def test_first_run_trains_and_writes_a_checkpoint(first_run, data_dir):
     ckpt_dir, table = first_run
     assert table.loc["mnist0", "status"] == "trained"
-    assert 0 <= table.loc["mnist0", "test_error"] <= 100
     assert (ckpt_dir / "tasks" / "summary.csv").is_file()
     assert (ckpt_dir / "logs" / "train_task.log").is_file()
     # plain tensors and Python values only: loadable without trusting pickled code
@@ -70,10 +55,15 @@ def test_first_run_trains_and_writes_a_checkpoint(first_run):
     assert ckpt["config"]["LR"] == 1e-3 and ckpt["config"]["TRAIN_LIMIT"] == 128
     assert not set(ckpt["config"]) & utils.NON_RESULT_KEYS
     assert {"train_loss", "val_error", "test_error", "test_balanced_error", "test_auroc"} <= set(ckpt["metrics"])
-    assert utils.load_checkpoint(ckpt_dir / "tasks" / "mnist0.pt")["data_fingerprint"] == ckpt["data_fingerprint"]
+    assert utils.read_saved(ckpt_dir / "tasks" / "mnist0.pt")["data_fingerprint"] == ckpt["data_fingerprint"]
+    # the reported metrics are those of the saved network on the task's splits
+    cfg = utils.configure(vars(train_task), [f"--DATA_DIR={data_dir}", "--PRESET=smoke", "--TRAIN_LIMIT=128"])
+    recomputed = utils.evaluate(train_task.network_from(ckpt), utils.load_task("mnist0", cfg))
+    assert recomputed == {k: v for k, v in ckpt["metrics"].items() if k != "train_loss"}
+    assert table.loc["mnist0", "test_error"] == recomputed["test_error"]
 
 
-def test_same_seed_gives_identical_weights(first_run, data_dir, tmp_path):
+def test_same_seed_gives_identical_weights(first_run, data_dir, tmp_path, run):
     run(data_dir, tmp_path)
     a = torch.load(first_run[0] / "tasks" / "mnist0.pt", weights_only=True)
     b = torch.load(tmp_path / "tasks" / "mnist0.pt", weights_only=True)
@@ -82,7 +72,7 @@ def test_same_seed_gives_identical_weights(first_run, data_dir, tmp_path):
     assert a["metrics"] == b["metrics"] and a["data_fingerprint"] == b["data_fingerprint"]
 
 
-def test_resume_skips_and_changes_retrain(first_run, data_dir, tmp_path, make_kaggle):
+def test_resume_skips_and_changes_retrain(first_run, data_dir, tmp_path, make_kaggle, run):
     ckpt_dir, data = tmp_path / "ckpt", tmp_path / "data"
     shutil.copytree(first_run[0], ckpt_dir)
     shutil.copytree(data_dir, data)
@@ -104,8 +94,19 @@ def test_resume_skips_and_changes_retrain(first_run, data_dir, tmp_path, make_ka
     assert "checkpoint made with other data, retraining" in log.read_text()
 
 
-def test_bad_config_is_a_user_error(data_dir, tmp_path):
+def test_bad_config_is_a_user_error(data_dir, tmp_path, run):
     with pytest.raises(utils.UserError, match="unknown task 'mnist10'"):
         run(data_dir, tmp_path, "--TASKS=['mnist10']")
     with pytest.raises(utils.UserError, match="unknown constant 'EPOCH'"):
         run(data_dir, tmp_path, "--EPOCH=2")
+
+
+def test_a_corrupt_checkpoint_is_moved_aside_and_retrained(first_run, data_dir, tmp_path, run):
+    shutil.copytree(first_run[0], tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "tasks" / "mnist0.pt"
+    path.write_bytes(path.read_bytes()[:1000])  # a copy cut short
+    assert run(data_dir, tmp_path / "ckpt").loc["mnist0", "status"] == "trained"
+    assert (tmp_path / "ckpt" / "tasks" / "mnist0.pt.corrupt").stat().st_size == 1000
+    assert "mnist0.pt cannot be read" in (tmp_path / "ckpt" / "logs" / "train_task.log").read_text()
+    same = torch.load(first_run[0] / "tasks" / "mnist0.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(v, torch.load(path, weights_only=True)["state_dict"][k]) for k, v in same.items())

@@ -1,0 +1,230 @@
+"""Step 2's task distance under variants of its definition, scored by the criteria that choose the default.
+
+python benchmarks/study_distance.py --ckpt=CKPT [--data=DATA] [--targets=T,...] [--seeds=0,1]
+                                    [--variants=NAME,...] [--work=DIR] [--out=DIR] [--NAME=value ...]
+python benchmarks/study_distance.py --compare=MATRIX.csv [--out=DIR]
+
+The first form runs prune_transform.py for every variant (a set of its constants) and every transfer
+seed, on the step-1 networks in CKPT/tasks, each run in its own folder under --work (finished pairs are
+reused, so the study resumes), then scores every variant, and every stopping rule read off its measured
+curves, against:
+  graded  share of the off-diagonal entries that are infeasible or at an end of the grid (at most 10 %),
+          and the number of distinct values (at least 10);
+  valid   copy targets (<task>_copy: the same labels, a network from another seed) whose original comes
+          out closest (at least 3);
+  stable  Spearman correlation of the entries between the first two transfer seeds (at least 0.8);
+and writes <out>/distance_study.csv and distance_study.md.
+The second form compares a full distance matrix with the paper's (results/paper_distance_matrix.csv):
+block means and Spearman correlations, overall and per target column, into <out>/distance_vs_paper.csv.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the repo's modules, when this runs as a script
+
+import prune_transform  # noqa: E402
+import utils  # noqa: E402
+
+PAPER = REPO / "results" / "paper_distance_matrix.csv"
+BASE = dict(FEATURES="standardized", LR_SCHEDULE="cosine", PERFORMANCE="balanced_accuracy", TOLERANCE=1.0,
+            SCHEDULE="oneshot", FINETUNE_EPOCHS=0)
+VARIANTS = {  # name: (what it is, what it changes against BASE)
+    "std-cosine": ("standardized features, cosine lr", {}),
+    "std-constant": ("standardized features, constant lr", dict(LR_SCHEDULE="constant")),
+    "raw-constant": ("raw features, constant lr (the paper's training)", dict(FEATURES="raw", LR_SCHEDULE="constant")),
+    "raw-cosine": ("raw features, cosine lr", dict(FEATURES="raw")),
+    "uint8": ("uint8 features (the released code's cast), cosine lr", dict(FEATURES="uint8")),
+    "oneshot-ft1": ("one-shot + 1 fine-tuning epoch per level", dict(FINETUNE_EPOCHS=1)),
+    "iterative-ft1": ("iterative + 1 fine-tuning epoch per level", dict(SCHEDULE="iterative", FINETUNE_EPOCHS=1)),
+    "probe": ("fresh linear probe (the released check)", dict(PERFORMANCE="probe")),
+}
+# stopping rules read off curves measured without fine-tuning: every grid level is there
+RULES = [("balanced_accuracy", 1.0), ("balanced_accuracy", 2.0), ("balanced_accuracy", 0.5),
+         ("accuracy", 0.5), ("accuracy", 1.0)]
+
+
+def arguments(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ckpt", default="checkpoints", help="CKPT_DIR of step 1 (its tasks/ folder is read)")
+    p.add_argument("--data", default="data", help="DATA_DIR: the data step 1 trained on")
+    p.add_argument("--targets", default="mnist3_copy,coat_copy", help="target tasks (copies test validity)")
+    p.add_argument("--seeds", default="0,1", help="transfer seeds (TRANSFER_SEED)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="variants to run, from VARIANTS")
+    p.add_argument("--work", default="checkpoints/distance_study", help="one CKPT_DIR per run, under here")
+    p.add_argument("--out", default=str(REPO / "results"), help="folder of the study table")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--compare", help="compare this matrix.csv with the paper's, and stop")
+    args, extra = p.parse_known_args(argv)
+    if any(not a.startswith("--") or not a[2:].split("=")[0].isupper() for a in extra):
+        p.error(f"unrecognized arguments: {' '.join(extra)} (prune_transform constants go as --NAME=value)")
+    args.extra = extra  # prune_transform's constants, for every run (e.g. --EVAL_LIMIT=2000)
+    return args
+
+
+def run_folder(args, variant, seed):
+    folder = Path(args.work) / variant / f"seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    tasks = folder / "tasks"
+    if not tasks.exists():
+        tasks.symlink_to(Path(args.ckpt).resolve() / "tasks", target_is_directory=True)
+    return folder
+
+
+def run_variant(args, variant, seed, targets):
+    settings = dict(BASE, **VARIANTS[variant][1])
+    folder = run_folder(args, variant, seed)
+    prune_transform.main([f"--{k}={v}" for k, v in settings.items()] + [
+        "--PRESET=paper", f"--DATA_DIR={args.data}", f"--CKPT_DIR={folder}", f"--DEVICE={args.device}",
+        f"--TRANSFER_SEED={seed}", f"--TARGETS={targets}", *args.extra])
+    return folder
+
+
+# ----------------------------------------------------------------------------- scoring
+def read_pairs(folder, targets):
+    pairs = [utils.read_saved(p) for p in sorted((folder / "distances" / "pairs").glob("*.json"))]
+    return [p for p in pairs if p and p["target"] in targets]
+
+
+def entries(pairs, performance, tolerance, level):
+    """Each off-diagonal pair's distance under a stopping rule: (source, target) -> kept % or None."""
+    out = {}
+    for p in pairs:
+        if p["source"] == p["target"]:
+            continue
+        passing, failing = prune_transform.crossing(p["curve"], performance, tolerance)
+        feasible = level is None or p["unpruned"][performance] >= level
+        out[p["source"], p["target"]] = dict(distance=passing["kept"] if feasible else None,
+                                             at_end=failing is None or passing["sparsity"] == 0.0,
+                                             unpruned=p["unpruned"][performance])
+    return out
+
+
+def spearman(a, b):
+    """Rank correlation; an infeasible entry (None) ranks after every distance."""
+    ranks = [pd.Series([np.inf if v is None else v for v in x]).rank() for x in (a, b)]
+    return float(np.corrcoef(*ranks)[0, 1]) if len(a) > 2 else float("nan")
+
+
+def closest_is_original(table, target):
+    """Whether a copy target's original ranks first: feasible by distance, ties by the unpruned transfer."""
+    rows = [(src, e) for (src, tgt), e in table.items() if tgt == target]
+    ranked = sorted(rows, key=lambda r: (r[1]["distance"] is None, r[1]["distance"] or 0, -r[1]["unpruned"]))
+    return ranked[0][0] == target.removesuffix("_copy")
+
+
+def score(tables, seconds, label, rule):
+    """Criteria of one variant under one rule; tables: one per transfer seed."""
+    first = tables[0]
+    values = [e["distance"] for e in first.values()]
+    copies = sorted({t for _, t in first if t.endswith("_copy")})
+    common = sorted(set(first) & set(tables[1])) if len(tables) > 1 else []
+    return dict(variant=label, performance=rule[0], tolerance=rule[1], pairs=len(first),
+                infeasible_pct=100 * np.mean([v is None for v in values]),
+                at_grid_end_pct=100 * np.mean([e["at_end"] and e["distance"] is not None for e in first.values()]),
+                distinct=len({round(v, 2) for v in values if v is not None}),
+                median_distance=float(np.median([v for v in values if v is not None])) if any(
+                    v is not None for v in values) else float("nan"),
+                copies_closest=sum(closest_is_original(first, t) for t in copies), copies=len(copies),
+                spearman_seeds=spearman([tables[0][k]["distance"] for k in common],
+                                        [tables[1][k]["distance"] for k in common]) if common else float("nan"),
+                seconds_per_pair=float(np.median(seconds)))
+
+
+def passes(row):
+    return dict(graded=row["infeasible_pct"] + row["at_grid_end_pct"] <= 10 and row["distinct"] >= 10,
+                valid=row["copies_closest"] >= min(3, row["copies"]), stable=row["spearman_seeds"] >= 0.8)
+
+
+def levels(args, performance, cache={}):
+    """The dictionary's feasibility level for a performance measure (prune_transform.feasibility_level)."""
+    if performance not in cache:
+        metrics = {s: {"metrics": utils.read_saved(Path(args.ckpt) / "tasks" / f"{s}.pt")["metrics"]}
+                   for s in utils.DICTIONARY}
+        cfg = utils.configure(vars(prune_transform), [f"--PERFORMANCE={performance}"])
+        cache[performance] = prune_transform.feasibility_level(metrics, cfg)
+    return cache[performance]
+
+
+def study(args):
+    targets = args.targets.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rows = []
+    for variant in args.variants.split(","):
+        folders = [run_variant(args, variant, seed, targets) for seed in seeds]
+        pairs = [read_pairs(f, targets) for f in folders]
+        level = pairs[0][0]["feasibility_level"] if pairs[0] else None
+        settings = dict(BASE, **VARIANTS[variant][1])
+        rules = RULES if settings["FINETUNE_EPOCHS"] == 0 and settings["PERFORMANCE"] != "probe" else []
+        rules = rules or [(settings["PERFORMANCE"], settings["TOLERANCE"])]
+        for rule in rules:
+            rule_level = level if rule[0] == settings["PERFORMANCE"] else levels(args, rule[0])
+            tables = [entries(p, *rule, rule_level) for p in pairs]
+            row = score(tables, [p["seconds"] for p in pairs[0]], variant, rule)
+            row["what"] = VARIANTS[variant][0]
+            rows.append(dict(row, **passes(row), feasibility_level=rule_level))
+            print(rows[-1], flush=True)
+    frame = pd.DataFrame(rows)
+    out = Path(args.out)
+    frame.to_csv(out / "distance_study.csv", index=False, float_format="%.4g")
+    (out / "distance_study.md").write_text(markdown(frame, targets, seeds))
+    print(frame.to_string(index=False, float_format="{:.3g}".format))
+    return frame
+
+
+def markdown(frame, targets, seeds):
+    columns = ["variant", "what", "performance", "tolerance", "infeasible_pct", "at_grid_end_pct", "distinct",
+               "median_distance", "copies_closest", "spearman_seeds", "graded", "valid", "stable", "seconds_per_pair"]
+    lines = [f"Targets: {', '.join(targets)}; sources: the 10 dictionary tasks; transfer seeds {seeds}.", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in frame[columns].itertuples(index=False):
+        lines.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- against the paper
+def block_means(matrix):
+    """Mean distance of each (source dataset -> target dataset) block, the diagonal left out."""
+    datasets = {t: utils.get_task(t).dataset for t in list(matrix.index) + list(matrix.columns)}
+    out = {}
+    for s_set in ("mnist", "fashion"):
+        for t_set in ("mnist", "fashion"):
+            values = [matrix.at[s, t] for s in matrix.index for t in matrix.columns
+                      if s != t and datasets[s] == s_set and datasets[t] == t_set and not np.isnan(matrix.at[s, t])]
+            out[f"{s_set} -> {t_set}"] = float(np.mean(values)) if values else float("nan")
+    return out
+
+
+def compare(path, out):
+    ours = pd.read_csv(path, index_col=0)
+    paper = pd.read_csv(PAPER, index_col=0)
+    common = [t for t in paper.columns if t in ours.columns]
+    ours, paper_part = ours.loc[paper.index, common], paper[common]
+    mask = ~np.eye(len(paper.index), len(common), dtype=bool) if common == list(paper.index) else \
+        np.array([[s != t for t in common] for s in paper.index])
+    rows = [dict(what=f"block mean {k}", ours=v, paper=block_means(paper_part)[k])
+            for k, v in block_means(ours).items()]
+    pairs = [(o, p) for o, p, m in zip(ours.to_numpy().ravel(), paper_part.to_numpy().ravel(), mask.ravel()) if m]
+    rows.append(dict(what="spearman, all off-diagonal entries (infeasible ranked last)",
+                     ours=spearman([None if np.isnan(o) else o for o, _ in pairs], [p for _, p in pairs])))
+    for t in common:
+        col = [(None if np.isnan(ours.at[s, t]) else ours.at[s, t], paper.at[s, t]) for s in paper.index if s != t]
+        rows.append(dict(what=f"spearman, column {t}", ours=spearman(*zip(*col))))
+    frame = pd.DataFrame(rows)
+    frame.to_csv(Path(out) / "distance_vs_paper.csv", index=False, float_format="%.4g")
+    print(frame.to_string(index=False, float_format="{:.3g}".format))
+    return frame
+
+
+def main(argv=None):
+    args = arguments(argv)
+    args.device = str(utils.get_device(args.device))
+    return compare(args.compare, args.out) if args.compare else study(args)
+
+
+if __name__ == "__main__":
+    main()
