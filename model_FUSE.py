@@ -67,20 +67,26 @@ ROUNDS = 3                # rounds of the target's search (released code: 10)
 BASE_ROUNDS = 2           # rounds of a base task's search, for the dictionary (paper preset: 10)
 W_EPOCHS = 1              # (i) epochs of weight training per alternation (released code: 5)
 ALPHA_EPOCHS = 5          # (ii) epochs of α training per alternation (released code: 5, on test)
-ALPHA_TOL = 1e-3          # stop alternating once no softmax(α) weight moved more than this ...
-MAX_ALTERNATIONS = 3      # ... or after this many alternations (released code: always 5)
+ALPHA_MARGIN = 0.1        # a round is decided once argmax α held over two alternations with softmax(α)'s
+                          # lead over the runner-up at least this ...
+MAX_ALTERNATIONS = 3      # ... or undecided after this many alternations (released code: always 5); an
+                          # undecided round keeps its member with the best validation accuracy
 W_OPTIMIZER = "adam"      # adam | sgd (momentum 0.9); released code: Adam, default lr, new every alternation
 W_LR = 1e-3
 ALPHA_OPTIMIZER = "adam"  # adam | sgd (momentum 0.9); released code: Adam, default lr, new every alternation
-ALPHA_LR = 1e-3
+ALPHA_LR = 0.05           # released code: Adam's default 1e-3, under which α barely moves in a round
 BATCH_SIZE = 32           # batch of weight, α and final training (released code: 128; 32 gives tiny budgets
                           # 4x the steps on the same images)
 FINAL_EPOCHS = 3          # every row is retrained from scratch this long (released code: 10, Adam)
 FINAL_LR = 1e-3
 FINAL_LIMIT = 1000        # retrain on at most this many training images (paper: 0 = all)
-FINAL_SEEDS = [0]         # one retraining per seed; the table gives the mean (the paper: one run)
-ROWS = ["fuse_task_aware", "fuse_standard", "random", "resnet18"]  # comparison rows to run, from PAPER_ROWS
-                          # (paper: all six; ResNet-34 and DenseNet-161 take many minutes an epoch on a CPU)
+FINAL_SEEDS = [0]         # one retraining per seed: the table gives mean ± sd and a paired test against TA-NAS on
+                          # the same test images (paper preset: 3 seeds; the paper: one run)
+REDUCED_ROWS = ["resnet34", "densenet161"]  # rows retrained on the reduced budget below, stated in the table
+                          # (paper preset: none; these two take many minutes an epoch on a CPU)
+REDUCED_EPOCHS = 1
+REDUCED_LIMIT = 250
+ROWS = list(PAPER_ROWS)   # comparison rows to run, from PAPER_ROWS
 EVAL_BATCH = 1000         # images per forward pass when evaluating (speed only)
 THREADS = 1               # CPU threads (0 = torch's default); 1 spares small networks OpenMP's waits on a
                           # busy machine (speed only, though the last bits of results may depend on it)
@@ -90,22 +96,21 @@ PRESETS = {
     # the authors' budgets (released code), on whatever data is in DATA_DIR
     "paper": dict(TRAIN_LIMIT=0, EVAL_LIMIT=0, SEARCH_LIMIT=0, FINAL_LIMIT=0, NODES=3, C=64, N=3, CANDIDATES=3,
                   ROUNDS=10, BASE_ROUNDS=10, W_EPOCHS=5, ALPHA_EPOCHS=5, MAX_ALTERNATIONS=5, BATCH_SIZE=128,
-                  FINAL_EPOCHS=10, ROWS=list(PAPER_ROWS), THREADS=0),
+                  FINAL_EPOCHS=10, FINAL_SEEDS=[0, 1, 2], REDUCED_ROWS=[], THREADS=0),
     # the tests: seconds
     "smoke": dict(TRAIN_LIMIT=400, EVAL_LIMIT=200, C=4, CANDIDATES=2, ROUNDS=2, BASE_ROUNDS=1, ALPHA_EPOCHS=1,
-                  MAX_ALTERNATIONS=2, FINAL_EPOCHS=1),
+                  MAX_ALTERNATIONS=2, FINAL_EPOCHS=1, ROWS=["fuse_task_aware", "fuse_standard", "random", "resnet18"]),
 }
 
 # the constants a search's result depends on: rounds, dictionary entries and random trials are
 # reused when these match (TARGET, ROWS and the final budget do not change a search)
 SEARCH_KEYS = frozenset({"SEED", "VAL_FRACTION", "TRAIN_LIMIT", "EVAL_LIMIT", "SEARCH_LIMIT", "NODES",
-                         "C", "N", "CANDIDATES", "W_EPOCHS", "ALPHA_EPOCHS", "ALPHA_TOL",
+                         "C", "N", "CANDIDATES", "W_EPOCHS", "ALPHA_EPOCHS", "ALPHA_MARGIN",
                          "MAX_ALTERNATIONS", "W_OPTIMIZER", "W_LR", "ALPHA_OPTIMIZER", "ALPHA_LR", "BATCH_SIZE"})
-FINAL_KEYS = frozenset({"SEED", "VAL_FRACTION", "TRAIN_LIMIT", "EVAL_LIMIT", "BATCH_SIZE", "FINAL_EPOCHS",
-                        "FINAL_LR", "FINAL_LIMIT"})
+FINAL_KEYS = frozenset({"SEED", "VAL_FRACTION", "TRAIN_LIMIT", "EVAL_LIMIT", "BATCH_SIZE", "FINAL_LR"})
 OPTIMIZERS = frozenset({"adam", "sgd"})
 AT_LEAST_ONE = frozenset({"K", "C", "N", "CANDIDATES", "ROUNDS", "BASE_ROUNDS", "W_EPOCHS", "ALPHA_EPOCHS",
-                          "MAX_ALTERNATIONS", "BATCH_SIZE", "FINAL_EPOCHS", "EVAL_BATCH"})
+                          "MAX_ALTERNATIONS", "BATCH_SIZE", "FINAL_EPOCHS", "REDUCED_EPOCHS", "EVAL_BATCH"})
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -113,9 +118,10 @@ def check_config(cfg):
     utils.get_task(cfg.TARGET)
     if cfg.SPACE not in ("task_aware", "standard"):
         raise utils.UserError(f"SPACE={cfg.SPACE!r}: use 'task_aware' or 'standard'")
-    unknown = [r for r in cfg.ROWS if r not in PAPER_ROWS]
-    if unknown:
-        raise utils.UserError(f"ROWS: unknown row(s) {unknown}; valid rows: {', '.join(PAPER_ROWS)}")
+    for name in ("ROWS", "REDUCED_ROWS"):
+        unknown = [r for r in getattr(cfg, name) if r not in PAPER_ROWS]
+        if unknown:
+            raise utils.UserError(f"{name}: unknown row(s) {unknown}; valid rows: {', '.join(PAPER_ROWS)}")
     for name in ("W_OPTIMIZER", "ALPHA_OPTIMIZER"):
         if getattr(cfg, name) not in OPTIMIZERS:
             raise utils.UserError(f"{name}={getattr(cfg, name)!r}: use one of {', '.join(sorted(OPTIMIZERS))}")
@@ -238,38 +244,49 @@ def train_alpha(mix, val, cfg, device, generator):
     return logits
 
 
-def alternate(mix, train, val, cfg, device, generator, bar=None):
-    """(i) then (ii) until softmax(α) moves less than ALPHA_TOL or MAX_ALTERNATIONS is reached.
+def margin(weights):
+    """softmax(α)'s lead of the first candidate over the runner-up."""
+    top = sorted(weights, reverse=True)
+    return top[0] - top[1] if len(top) > 1 else 1.0
 
-    Returns softmax(α) before and after every alternation, whether it settled, and the last val logits.
+
+def alternate(mix, train, val, cfg, device, generator, bar=None):
+    """(i) then (ii) until α is decided (its argmax held over two alternations with a lead of at least
+    ALPHA_MARGIN) or MAX_ALTERNATIONS is reached.
+
+    Returns softmax(α) before and after every alternation, whether α decided, and the last val logits.
     """
     trajectory = [mix.softmax_alpha().cpu().tolist()]
     while True:
         train_weights(mix, train, cfg, device, generator, bar)
         logits = train_alpha(mix, val, cfg, device, generator)
         trajectory.append(mix.softmax_alpha().cpu().tolist())
-        settled = max(abs(a - b) for a, b in zip(*trajectory[-2:])) < cfg.ALPHA_TOL
-        if settled or len(trajectory) > cfg.MAX_ALTERNATIONS:
-            return trajectory, settled, logits
+        held = len(trajectory) > 2 and int(np.argmax(trajectory[-1])) == int(np.argmax(trajectory[-2]))
+        decided = held and margin(trajectory[-1]) >= cfg.ALPHA_MARGIN
+        if decided or len(trajectory) > cfg.MAX_ALTERNATIONS:
+            return trajectory, decided, logits
 
 
 def run_round(candidates, train, val, num_classes, cfg, device, seed, bar=None):
-    """One round on fresh weights: the α trajectory, validation accuracies and the winner's index."""
+    """One round on fresh weights: the α trajectory, validation accuracies and the winner's index: argmax α
+    when α decided, else the member with the best validation accuracy (the incumbent among equals)."""
     networks = []
     for genotype in candidates:
         torch.manual_seed(seed)  # an architecture starts from the same weights wherever it sits in the round
         networks.append(build_network(genotype, num_classes))
     mix = FuseMixture(networks).to(device)
-    trajectory, settled, logits = alternate(mix, train, val, cfg, device,
+    trajectory, decided, logits = alternate(mix, train, val, cfg, device,
                                             torch.Generator().manual_seed(seed), bar)
     y = val.y.to(logits.device)
     with torch.no_grad():
         accuracy = (logits.argmax(-1) == y).float().mean(-1).mul(100).tolist()
         mixture = float((mix.combine(logits).argmax(-1) == y).float().mean().mul(100))
+    by_alpha, by_accuracy = int(np.argmax(trajectory[-1])), int(np.argmax(accuracy))  # the first of equals
     return dict(candidates=[g.to_json() for g in candidates], alpha=trajectory,
-                alternations=len(trajectory) - 1, settled=settled, val_accuracy=accuracy,
-                mixture_val_accuracy=mixture,
-                winner=int(torch.argmax(mix.alpha.detach())))  # a tie keeps the incumbent (index 0)
+                alternations=len(trajectory) - 1, decided=decided, margin=margin(trajectory[-1]),
+                val_accuracy=accuracy, mixture_val_accuracy=mixture, argmax_alpha=by_alpha,
+                best_val_accuracy=by_accuracy, winner=by_alpha if decided else by_accuracy,
+                decided_by="alpha" if decided else "validation accuracy (alpha undecided)")
 
 
 # ----------------------------------------------------------------------------- a FUSE search
@@ -309,10 +326,10 @@ def search_round(search, r, incumbent, train, val, cfg, device, log):
                   space=search.space_name, **result, seconds=time.perf_counter() - start,
                   device=device_label(device))
     utils.write_json(search.folder / f"round_{r:02d}.json", record)
-    log.info("%s (%s) round %d: α %s after %d alternation(s) (%s), val accuracy %s, mixture %.2f %%; "
+    log.info("%s (%s) round %d: α %s after %d alternation(s) (%s, lead %.3f), val accuracy %s, mixture %.2f %%; "
              "winner %s, %.1f s", search.task, search.space_name, r,
              [round(a, 4) for a in record["alpha"][-1]], record["alternations"],
-             "settled" if record["settled"] else "budget reached",
+             "decided" if record["decided"] else "undecided: best validation accuracy", record["margin"],
              [round(a, 2) for a in record["val_accuracy"]], record["mixture_val_accuracy"],
              "/".join(candidates[record["winner"]].ops), record["seconds"])
     return record
@@ -337,7 +354,12 @@ def fuse_search(search, train, val, cfg, device, log):
     result = dict(task=search.task, space=search.space_name, genotype=incumbent.to_json(),
                   config=dict(search.identity(cfg), rounds=search.rounds),
                   seconds=sum(r["seconds"] for r in records),
-                  device=", ".join(sorted({r["device"] for r in records})), rounds=records)
+                  device=", ".join(sorted({r["device"] for r in records})),
+                  decided_rounds=sum(r["decided"] for r in records),
+                  alpha_agrees_with_val=sum(r["argmax_alpha"] == r["best_val_accuracy"] for r in records),
+                  rounds=records)
+    log.info("%s (%s): α decided %d of %d rounds; argmax α was the best validation accuracy in %d", search.task,
+             search.space_name, result["decided_rounds"], len(records), result["alpha_agrees_with_val"])
     utils.write_json(search.folder / "result.json", result)
     plot_alpha(records, search.folder / "alpha.png", f"FUSE on {search.task}, {search.space_name} space")
     return result
@@ -475,14 +497,23 @@ def random_search(data, standard, out, cfg, device, log):
 
 
 # ----------------------------------------------------------------------------- comparison rows
-def retrain(build, data, cfg, device, seed, label):
-    """A fresh network trained FINAL_EPOCHS on the training split with Adam; its val and test metrics
-    and its test predictions (the test split is read once, here)."""
+def budget(row, cfg):
+    """(epochs, training images; 0 = all) a row is retrained with."""
+    return (cfg.REDUCED_EPOCHS, cfg.REDUCED_LIMIT) if row in cfg.REDUCED_ROWS else (cfg.FINAL_EPOCHS, cfg.FINAL_LIMIT)
+
+
+def retrain(build, data, epochs, images, cfg, device, seed, label):
+    """A fresh network trained `epochs` on the training split (its first `images`) with Adam; its val and
+    test metrics and the indices of the test images it gets wrong (the test split is read once, here)."""
     torch.manual_seed(seed)
     model = build().to(device)
-    utils.fit(model, limit(data.train, cfg.FINAL_LIMIT), cfg.FINAL_EPOCHS, cfg.BATCH_SIZE, cfg.FINAL_LR, seed,
-              device, label)
-    return model, utils.evaluate(model, data, cfg.EVAL_BATCH)
+    utils.fit(model, limit(data.train, images), epochs, cfg.BATCH_SIZE, cfg.FINAL_LR, seed, device, label)
+    metrics = utils.evaluate(model, data, cfg.EVAL_BATCH, splits=("val",))
+    test = data.test
+    logits, labels = utils.predict(model, test.x, cfg.EVAL_BATCH), test.y
+    metrics.update({f"test_{k}": v for k, v in utils.classification_metrics(logits, labels).items()})
+    wrong = torch.nonzero(logits.argmax(1) != labels).flatten().tolist()
+    return model, metrics, dict(test_images=len(labels), test_wrong=wrong)
 
 
 def run_row(row, data, searches, out, cfg, device, log):
@@ -492,16 +523,18 @@ def run_row(row, data, searches, out, cfg, device, log):
     genotype = Genotype.from_json(search["genotype"]) if search else None
     classes = data.task.num_classes
     build = (lambda: build_network(genotype, classes)) if genotype else (lambda: build_baseline(row, classes))
-    config = dict(pick(cfg, FINAL_KEYS), row=row, task=data.name, data=data.fingerprint,
-                  genotype=genotype.to_json() if genotype else None)
+    epochs, images = budget(row, cfg)
+    config = dict(pick(cfg, FINAL_KEYS), row=row, task=data.name, data=data.fingerprint, epochs=epochs,
+                  images=images, genotype=genotype.to_json() if genotype else None)
     runs = []
     for s in cfg.FINAL_SEEDS:
         path = out / "rows" / f"{row}_seed{s}.json"
         run = utils.load_current(path, dict(config, seed=s), log)
         if run is None:
             start = time.perf_counter()
-            model, metrics = retrain(build, data, cfg, device, seed_of(cfg.SEED, "final", s), f"{row} seed {s}")
-            run = dict(config=dict(config, seed=s), metrics=metrics, params=count_parameters(model),
+            model, metrics, errors = retrain(build, data, epochs, images, cfg, device, seed_of(cfg.SEED, "final", s),
+                                             f"{row} seed {s}")
+            run = dict(config=dict(config, seed=s), metrics=metrics, **errors, params=count_parameters(model),
                        seconds=time.perf_counter() - start, device=device_label(device))
             if genotype:
                 utils.save_checkpoint({"genotype": genotype.to_json(), "config": run["config"], "metrics": metrics,
@@ -511,8 +544,10 @@ def run_row(row, data, searches, out, cfg, device, log):
         else:
             log.info("%s seed %d: retrained earlier with the same config, reused", row, s)
         runs.append(run)
-    record = dict(row=row, config=config, params=runs[0]["params"], runs=[r["metrics"] for r in runs],
-                  seconds=sum(r["seconds"] for r in runs), device=", ".join(sorted({r["device"] for r in runs})))
+    record = dict(row=row, config=config, seeds=list(cfg.FINAL_SEEDS), params=runs[0]["params"],
+                  runs=[r["metrics"] for r in runs], test_images=runs[0]["test_images"],
+                  test_wrong=[r["test_wrong"] for r in runs], seconds=sum(r["seconds"] for r in runs),
+                  device=", ".join(sorted({r["device"] for r in runs})))
     utils.write_json(out / "rows" / f"{row}.json", record)
     errors = [m["test_error"] for m in record["runs"]]
     log.info("%s: test error %.2f %% over %d seed(s) (balanced %.2f %%, AUROC %.4f), %.3f M parameters, %.1f s",
@@ -521,15 +556,37 @@ def run_row(row, data, searches, out, cfg, device, log):
     return record
 
 
-def table_row(row, record, searches):
+def paired_difference(record, reference, draws=10_000, seed=0):
+    """Test-error difference (points) of a row against the reference row on the same test images: each
+    image's error rate averaged over the seeds, the mean difference, and its 95 % bootstrap interval
+    (images resampled; the difference takes few values, so counts of each are drawn)."""
+    n = record["test_images"]
+    def per_image(rec):
+        rate = np.zeros(n)
+        for wrong in rec["test_wrong"]:
+            rate[wrong] += 1 / len(rec["test_wrong"])
+        return rate
+    values, counts = np.unique(per_image(record) - per_image(reference), return_counts=True)
+    means = np.random.default_rng(seed).multinomial(n, counts / n, size=draws) @ values / n
+    low, high = np.percentile(means, [2.5, 97.5])
+    return 100 * float(values @ counts / n), 100 * float(low), 100 * float(high)
+
+
+def table_row(row, record, searches, reference):
     label, paper_error, paper_params, paper_days = PAPER_ROWS[row]
     search = searches.get(ROW_SEARCH.get(row))
     mean = lambda key: float(np.mean([m[key] for m in record["runs"]]))
     errors = [m["test_error"] for m in record["runs"]]
+    diff, low, high = paired_difference(record, reference) if reference and row != "fuse_task_aware" else (
+        float("nan"),) * 3
+    config = record["config"]
     return {"Architecture": label, "Error (%)": mean("test_error"),
             "Error sd": float(np.std(errors, ddof=1)) if len(errors) > 1 else float("nan"),
+            "Δ vs TA-NAS (points)": diff, "95% CI low": low, "95% CI high": high,
+            "Significant": "–" if math.isnan(diff) else "yes" if low > 0 or high < 0 else "no",
             "Balanced error (%)": mean("test_balanced_error"), "AUROC": mean("test_auroc"),
-            "Params (M)": record["params"] / 1e6,
+            "Params (M)": record["params"] / 1e6, "Seeds": len(errors),
+            "Retrain budget": f"{config['epochs']} ep × {config['images'] or 'all'} img",
             "Search (s)": search["seconds"] if search else float("nan"),
             "Dictionary (s)": search["dictionary_seconds"] if search else float("nan"),
             "Retrain (s)": record["seconds"], "Device": search["device"] if search else record["device"],
@@ -537,9 +594,10 @@ def table_row(row, record, searches):
             "Paper GPU days": float("nan") if paper_days is None else paper_days}
 
 
-FORMATS = {"Error (%)": "{:.2f}", "Error sd": "{:.2f}", "Balanced error (%)": "{:.2f}", "AUROC": "{:.4f}",
-           "Params (M)": "{:.3f}", "Search (s)": "{:.0f}", "Dictionary (s)": "{:.0f}", "Retrain (s)": "{:.0f}",
-           "Paper error (%)": "{:.2f}", "Paper params (M)": "{:.2f}", "Paper GPU days": "{:g}"}
+FORMATS = {"Error (%)": "{:.2f}", "Error sd": "{:.2f}", "Δ vs TA-NAS (points)": "{:+.2f}", "95% CI low": "{:+.2f}",
+           "95% CI high": "{:+.2f}", "Balanced error (%)": "{:.2f}", "AUROC": "{:.4f}", "Params (M)": "{:.3f}",
+           "Search (s)": "{:.0f}", "Dictionary (s)": "{:.0f}", "Retrain (s)": "{:.0f}", "Paper error (%)": "{:.2f}",
+           "Paper params (M)": "{:.2f}", "Paper GPU days": "{:g}"}
 
 
 def markdown(table):
@@ -596,7 +654,8 @@ def plot_error_params(table, path, target):
 
 
 def write_table(records, searches, out, cfg, log):
-    table = pd.DataFrame([table_row(row, record, searches) for row, record in records.items()])
+    reference = records.get("fuse_task_aware")
+    table = pd.DataFrame([table_row(row, record, searches, reference) for row, record in records.items()])
     utils.atomic_write(out / "table.csv", lambda tmp: table.to_csv(tmp, index=False))
     text = markdown(table)
     utils.atomic_write(out / "table.md", lambda tmp: Path(tmp).write_text(text))

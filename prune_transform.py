@@ -103,6 +103,11 @@ def load_network(name, data, cfg, device):
     if ckpt.get("data_fingerprint") != data.fingerprint:
         raise utils.UserError(f"{path} was trained on other data, labels or split than {data.source} with "
                               f"VAL_FRACTION={cfg.VAL_FRACTION}, SEED={cfg.SEED}; retrain it with: {rerun}")
+    made = ckpt.get("config", {}).get("PRECISION", "fp32")
+    if made != cfg.PRECISION:
+        raise utils.UserError(f"{path} was trained with PRECISION={made!r}, this run has PRECISION={cfg.PRECISION!r}; "
+                              f"use one precision for every step, or retrain it with: {rerun} "
+                              f"--PRECISION={cfg.PRECISION}")
     try:
         model = train_task.network_from(ckpt)
     except (RuntimeError, KeyError) as e:

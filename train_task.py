@@ -25,6 +25,7 @@ EVAL_LIMIT = 0          # evaluate on at most this many validation / test images
 EPOCHS = 1              # paper: 1
 BATCH_SIZE = 64         # paper: 64
 LR = 1e-3               # paper: Adam, lr 1e-3
+PRECISION = "fp32"      # fp32 | bf16: forward passes under torch.autocast (weights and metrics stay fp32)
 EVAL_BATCH = 1000       # images per forward pass when evaluating (speed only)
 
 # named sets of constants (--PRESET=name); precedence: the constants above < the preset < --NAME=value
@@ -42,8 +43,8 @@ def train_network(data, cfg, device):
     seed = cfg.SEED + data.task.seed
     utils.set_seed(seed)
     model = BaseCNN(data.task.num_classes).to(device)
-    losses = utils.fit(model, data.train, cfg.EPOCHS, cfg.BATCH_SIZE, cfg.LR, seed, device, data.name)
-    return model, {"train_loss": losses[-1], **utils.evaluate(model, data, cfg.EVAL_BATCH)}
+    losses = utils.fit(model, data.train, cfg.EPOCHS, cfg.BATCH_SIZE, cfg.LR, seed, device, data.name, cfg.PRECISION)
+    return model, {"train_loss": losses[-1], **utils.evaluate(model, data, cfg.EVAL_BATCH, precision=cfg.PRECISION)}
 
 
 def checkpoint_path(ckpt_dir, task):

@@ -782,23 +782,23 @@ def train_epoch(model, optimizer, x, y, batch_size, generator, device, loss_fn=N
     return float(total) / max(count, 1)
 
 
-def fit(model, train, epochs, batch_size, lr, seed, device, label="training"):
+def fit(model, train, epochs, batch_size, lr, seed, device, label="training", precision="fp32"):
     """Train model on a split with Adam (lr) for `epochs` shuffled passes (order seeded by seed),
     with a progress bar; returns the mean loss of every epoch."""
     from tqdm import tqdm
     optimizer = adam(model.parameters(), lr, device)
     generator = torch.Generator().manual_seed(seed)
     with tqdm(total=epochs * len(train.x), desc=label, unit="img", leave=False, mininterval=1) as bar:
-        return [train_epoch(model, optimizer, train.x, train.y, batch_size, generator, device, progress=bar)
-                for _ in range(epochs)]
+        return [train_epoch(model, optimizer, train.x, train.y, batch_size, generator, device, progress=bar,
+                            precision=precision) for _ in range(epochs)]
 
 
-def evaluate(model, data, batch_size=1000, splits=("val", "test")):
+def evaluate(model, data, batch_size=1000, splits=("val", "test"), precision="fp32"):
     """Error %, balanced error % and AUROC of model on each split of a TaskData, keyed '<split>_<metric>'."""
     metrics = {}
     for split in splits:
         part = getattr(data, split)
-        scores = classification_metrics(predict(model, part.x, batch_size), part.y)
+        scores = classification_metrics(predict(model, part.x, batch_size, precision), part.y)
         metrics.update({f"{split}_{k}": v for k, v in scores.items()})
     return metrics
 
