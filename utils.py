@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 # constants that change where or how fast a run goes, never its numbers
-NON_RESULT_KEYS = {"PRESET", "DATA_DIR", "CKPT_DIR", "DEVICE", "DOWNLOAD", "EVAL_BATCH",
+NON_RESULT_KEYS = {"PRESET", "DATA_DIR", "CKPT_DIR", "DEVICE", "DOWNLOAD", "EVAL_BATCH", "THREADS",
                    "TASKS", "SOURCES", "TARGETS"}
 
 

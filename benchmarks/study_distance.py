@@ -32,20 +32,21 @@ import utils  # noqa: E402
 
 PAPER = REPO / "results" / "paper_distance_matrix.csv"
 BASE = dict(FEATURES="standardized", LR_SCHEDULE="cosine", PERFORMANCE="balanced_accuracy", TOLERANCE=1.0,
-            SCHEDULE="oneshot", FINETUNE_EPOCHS=0)
+            SCHEDULE="oneshot", FINETUNE_EPOCHS=1)  # prune_transform's defaults
+NO_FINETUNING = dict(FINETUNE_EPOCHS=0, PRUNE_LEVELS=[round(0.05 * k, 2) for k in range(1, 20)] + [0.975, 0.99, 0.995],
+                     REFINE=0.01)
 VARIANTS = {  # name: (what it is, what it changes against BASE)
-    "std-cosine": ("standardized features, cosine lr", {}),
-    "std-constant": ("standardized features, constant lr", dict(LR_SCHEDULE="constant")),
-    "raw-constant": ("raw features, constant lr (the paper's training)", dict(FEATURES="raw", LR_SCHEDULE="constant")),
-    "raw-cosine": ("raw features, cosine lr", dict(FEATURES="raw")),
-    "uint8": ("uint8 features (the released code's cast), cosine lr", dict(FEATURES="uint8")),
-    "oneshot-ft1": ("one-shot + 1 fine-tuning epoch per level", dict(FINETUNE_EPOCHS=1)),
-    "iterative-ft1": ("iterative + 1 fine-tuning epoch per level", dict(SCHEDULE="iterative", FINETUNE_EPOCHS=1)),
-    "probe": ("fresh linear probe (the released check)", dict(PERFORMANCE="probe")),
+    "default": ("one-shot from the trained net + 1 fine-tuning epoch per level", {}),
+    "no-finetuning": ("one-shot, no fine-tuning: every level measured as pruned", NO_FINETUNING),
+    "iterative": ("iterative (from the level before) + 1 fine-tuning epoch per level", dict(SCHEDULE="iterative")),
+    "raw-constant": ("raw features, constant lr (the released training)", dict(FEATURES="raw", LR_SCHEDULE="constant")),
+    "uint8": ("uint8 features (the released code's cast)", dict(FEATURES="uint8")),
+    "probe": ("a fresh linear probe instead of the target's head (the released check)", dict(PERFORMANCE="probe")),
 }
 # stopping rules read off curves measured without fine-tuning: every grid level is there
-RULES = [("balanced_accuracy", 1.0), ("balanced_accuracy", 2.0), ("balanced_accuracy", 0.5),
-         ("accuracy", 0.5), ("accuracy", 1.0)]
+RULES = [("balanced_accuracy", 1.0), ("balanced_accuracy", 2.0), ("accuracy", 0.25), ("accuracy", 0.5),
+         ("auroc", 0.002)]
+FEASIBILITIES = ("2eps", "eps")
 
 
 def arguments(argv):
@@ -140,14 +141,20 @@ def passes(row):
                 valid=row["copies_closest"] >= min(3, row["copies"]), stable=row["spearman_seeds"] >= 0.8)
 
 
-def levels(args, performance, cache={}):
-    """The dictionary's feasibility level for a performance measure (prune_transform.feasibility_level)."""
-    if performance not in cache:
-        metrics = {s: {"metrics": utils.read_saved(Path(args.ckpt) / "tasks" / f"{s}.pt")["metrics"]}
-                   for s in utils.DICTIONARY}
-        cfg = utils.configure(vars(prune_transform), [f"--PERFORMANCE={performance}"])
-        cache[performance] = prune_transform.feasibility_level(metrics, cfg)
-    return cache[performance]
+def levels(args, sources, performance, feasibility, cache={}):
+    """The feasibility level the base networks `sources` set for a performance measure, as
+    prune_transform.feasibility_level sets it (AUROC, read off the curves only, in [0, 1])."""
+    if (performance, feasibility) not in cache:
+        metrics = {s: utils.read_saved(Path(args.ckpt) / "tasks" / f"{s}.pt")["metrics"] for s in sources}
+        if performance == "auroc":
+            eps = max(1 - m["val_auroc"] for m in metrics.values())
+            level = 1 - (2 if feasibility == "2eps" else 1) * eps
+        else:
+            cfg = utils.configure(vars(prune_transform), [f"--PERFORMANCE={performance}", f"--FEASIBILITY={feasibility}",
+                                                          f"--SOURCES={list(sources)}"])
+            level = prune_transform.feasibility_level({s: {"metrics": m} for s, m in metrics.items()}, cfg)
+        cache[performance, feasibility] = level
+    return cache[performance, feasibility]
 
 
 def study(args):
@@ -158,23 +165,23 @@ def study(args):
         for seed in (int(s) for s in args.seeds.split(",")):
             run_variant(args, variant, seed, targets)
     rows = []
-    for variant in VARIANTS:
-        folders = sorted((Path(args.work) / variant).glob("seed*/distances/pairs"))
-        pairs = [read_pairs(f.parents[1], targets) for f in folders]
-        pairs = [p for p in pairs if len(p) == len(pairs[0])] if pairs else []
-        if not pairs or not pairs[0]:
+    for variant, (what, changes) in VARIANTS.items():
+        pairs = [read_pairs(f.parents[1], targets)
+                 for f in sorted((Path(args.work) / variant).glob("seed*/distances/pairs"))]
+        pairs = [p for p in pairs if p]
+        if not pairs:
             continue
-        level = pairs[0][0]["feasibility_level"] if pairs[0] else None
-        settings = dict(BASE, **VARIANTS[variant][1])
-        rules = RULES if settings["FINETUNE_EPOCHS"] == 0 and settings["PERFORMANCE"] != "probe" else []
-        rules = rules or [(settings["PERFORMANCE"], settings["TOLERANCE"])]
+        settings = dict(BASE, **changes)
+        own = (settings["PERFORMANCE"], settings["TOLERANCE"])
+        rules = RULES if settings["FINETUNE_EPOCHS"] == 0 and settings["PERFORMANCE"] != "probe" else [own]
         for rule in rules:
-            rule_level = level if rule[0] == settings["PERFORMANCE"] else levels(args, rule[0])
-            tables = [entries(p, *rule, rule_level) for p in pairs]
-            row = score(tables, [p["seconds"] for p in pairs[0]], variant, rule)
-            row["what"] = VARIANTS[variant][0]
-            rows.append(dict(row, **passes(row), feasibility_level=rule_level))
-            print(rows[-1], flush=True)
+            for feasibility in FEASIBILITIES:
+                sources = sorted({p["source"] for p in pairs[0]})
+                level = levels(args, sources, "balanced_accuracy" if rule[0] == "probe" else rule[0], feasibility)
+                tables = [entries(p, *rule, level) for p in pairs]
+                row = score(tables, [p["seconds"] for p in pairs[0]], variant, rule)
+                rows.append(dict(row, what=what, feasibility=feasibility, feasibility_level=level, **passes(row)))
+                print(rows[-1], flush=True)
     frame = pd.DataFrame(rows)
     out = Path(args.out)
     frame.to_csv(out / "distance_study.csv", index=False, float_format="%.4g")
@@ -184,7 +191,7 @@ def study(args):
 
 
 def markdown(frame, targets):
-    columns = ["variant", "what", "seeds", "performance", "tolerance", "infeasible_pct", "at_grid_end_pct", "distinct",
+    columns = ["variant", "what", "seeds", "performance", "tolerance", "feasibility", "infeasible_pct", "at_grid_end_pct", "distinct",
                "median_distance", "copies_closest", "spearman_seeds", "graded", "valid", "stable", "seconds_per_pair"]
     lines = [f"Targets: {', '.join(targets)}; sources: the 10 dictionary tasks; seeds: the transfer seeds "
              "found per variant (stability needs two).", "",
