@@ -1,7 +1,8 @@
 """Step 3: FUSE (fusion search) in the task-aware and the standard space, and the comparison table.
 
 python model_FUSE.py [--NAME=value ...]; every constant below can be overridden that way.
-Reads step 2's CKPT_DIR/distances/closest.json; writes under CKPT_DIR/search/:
+Reads step 2's CKPT_DIR/distances/closest.json (fisher_closest.json with DISTANCE="fisher"); writes under
+CKPT_DIR/search/:
   dictionary/<task>.json           searched genotype of each base task the task-aware space needs, with
                                    the config that made it (reused by every later target)
   dictionary/<task>/round_NN.json  that search's rounds (as below)
@@ -44,6 +45,7 @@ PAPER_ROWS = {
     "resnet34": ("ResNet-34", 1.20, 21.54, None),
     "densenet161": ("DenseNet-161", 1.17, 27.60, None),
 }
+CLOSEST_FILES = {"transfer": "closest.json", "fisher": "fisher_closest.json"}  # step 2's outputs, by DISTANCE
 ROW_SEARCH = {"fuse_task_aware": "task_aware", "fuse_standard": "standard", "random": "random"}
 
 PRESET = ""               # "" = the constants below as written; or a name from PRESETS (paper, smoke)
@@ -55,6 +57,8 @@ DOWNLOAD = False          # fetch missing datasets into DATA_DIR (needs internet
 TARGET = utils.HELD_OUT_TARGET  # the paper's is utils.PAPER_TARGET (needs the Quick, Draw! files)
 SPACE = "task_aware"      # space of the headline search (genotype.json): task_aware | standard
 K = 3                     # closest base tasks whose genotypes make the task-aware space (paper: 3)
+DISTANCE = "transfer"     # whose closest list: "transfer" (closest.json, the paper's pruned transfer net) or
+                          # "fisher" (fisher_closest.json, the Fisher task distance; prune_transform --DISTANCE)
 VAL_FRACTION = 0.1        # as in steps 1-2; α is trained on this validation split, never on test
 TRAIN_LIMIT = 0           # load at most this many training images (0 = the whole training split)
 EVAL_LIMIT = 0            # at most this many validation / test images (0 = all)
@@ -116,6 +120,8 @@ AT_LEAST_ONE = frozenset({"K", "C", "N", "CANDIDATES", "ROUNDS", "BASE_ROUNDS", 
 # ----------------------------------------------------------------------------- small helpers
 def check_config(cfg):
     utils.get_task(cfg.TARGET)
+    if cfg.DISTANCE not in CLOSEST_FILES:
+        raise utils.UserError(f"DISTANCE={cfg.DISTANCE!r}: use one of {', '.join(CLOSEST_FILES)}")
     if cfg.SPACE not in ("task_aware", "standard"):
         raise utils.UserError(f"SPACE={cfg.SPACE!r}: use 'task_aware' or 'standard'")
     for name in ("ROWS", "REDUCED_ROWS"):
@@ -375,14 +381,15 @@ def standard_search(name, data, rounds, folder, cfg):
 # ----------------------------------------------------------------------------- the task-aware space
 def prune_command(cfg, targets):
     listed = ", ".join(f"'{t}'" for t in dict.fromkeys([*targets, cfg.TARGET]))
+    distance = " --DISTANCE=fisher" if cfg.DISTANCE == "fisher" else ""
     return (f"python prune_transform.py --TARGETS=\"[{listed}]\" --PRESET={cfg.PRESET} "
-            f"--DATA_DIR={cfg.DATA_DIR} --CKPT_DIR={cfg.CKPT_DIR}")
+            f"--DATA_DIR={cfg.DATA_DIR} --CKPT_DIR={cfg.CKPT_DIR}{distance}")
 
 
 def closest_tasks(cfg, data, log):
-    """The K base tasks closest to TARGET, from step 2's closest.json, after checking that step 2
-    measured them on this target's data, split and seed."""
-    path = Path(cfg.CKPT_DIR) / "distances" / "closest.json"
+    """The K base tasks closest to TARGET, from step 2's closest list of DISTANCE, after checking that
+    step 2 measured them on this target's data, split and seed."""
+    path = Path(cfg.CKPT_DIR) / "distances" / CLOSEST_FILES[cfg.DISTANCE]
     payload = utils.read_saved(path, log)
     if payload is None:
         raise utils.UserError(f"no task distances: {path} is missing; measure them with: {prune_command(cfg, [])}")
@@ -439,7 +446,7 @@ def task_aware_search(data, ranked, folder, cfg, device, log):
     genotypes = [g for g, _ in found]
     space = task_aware_space(genotypes)
     log.info("task-aware space of %s from %s: %s (%d genotypes)", cfg.TARGET,
-             ", ".join(f"{r['task']} ({r['distance']:.2f}): {'/'.join(g.ops)}" for r, g in zip(ranked, genotypes)),
+             ", ".join(f"{r['task']} ({r['distance']:.3g}): {'/'.join(g.ops)}" for r, g in zip(ranked, genotypes)),
              " | ".join("/".join(edge) for edge in space), space_size(space))
     first = Genotype(genotypes[0].ops, cfg.NODES, cfg.C, cfg.N)
     search = Search(cfg.TARGET, "task_aware", space, first, cfg.ROUNDS, Path(folder), data.fingerprint,

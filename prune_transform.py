@@ -6,7 +6,11 @@ pair), transfer/<source>__<target>.pt (the sparsest transfer net that kept perfo
 (rows source, columns target; infeasible pairs empty), matrix_measured.csv (with the measured
 self-transfers on the diagonal), heatmap.png, pruning_curves.png and closest.json (for each target,
 the sources sorted by distance, infeasible ones last).
+With DISTANCE = "fisher" or "both" it writes the Fisher task distance beside it: fisher/<source>__<target>.json,
+fisher_matrix.csv, fisher_heatmap.png, fisher_closest.json, and with both distances agreement.csv (per target,
+the rank correlation of the two and the overlap of their K closest).
 """
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -61,6 +65,10 @@ PRUNE_LEVELS = [round(0.05 * k, 2) for k in range(1, 20)] + [0.975, 0.99, 0.995,
                           # the weights pruned: the paper's 5 % grid, then on towards 1 in 1,000 weights kept
 REFINE = 0.2              # bisect the crossing until the kept shares of the last passing and the first failing
                           # level differ by at most this factor minus 1 (0 = off)
+DISTANCE = "transfer"     # which task distance: "transfer" (the paper's pruned transfer net), "fisher" (the Fisher
+                          # task distance of the authors' follow-up, in [0, 1]) or "both" (and their rank agreement)
+FISHER_SAMPLES = 1000     # target training images whose per-sample gradients make each Fisher diagonal
+FISHER_PARAMS = "all"     # "all" parameters, or "last": the last weight layer before the head and the head
 K = 3                     # closest base tasks reported per target
 PRECISION = "fp32"        # fp32 | bf16: forward passes under torch.autocast (weights, masks, metrics stay fp32)
 THREADS = 0               # CPU threads (0 = torch's default); two runs of one thread each train about 1.4 x
@@ -80,7 +88,9 @@ PAIR_KEYS = frozenset({"SEED", "VAL_FRACTION", "TRAIN_LIMIT", "EVAL_LIMIT", "FEA
                        "TOLERANCE", "SCHEDULE", "FINETUNE_EPOCHS", "PRUNE_LEVELS", "REFINE", "PRECISION"})
 CHOICES = {"FEATURES": ("standardized", "raw", "uint8"), "LR_SCHEDULE": ("constant", "cosine"),
            "PERFORMANCE": ("balanced_accuracy", "accuracy", "probe"), "FEASIBILITY": ("2eps", "eps", "none"),
-           "SCHEDULE": ("oneshot", "iterative"), "PRECISION": utils.PRECISIONS}
+           "SCHEDULE": ("oneshot", "iterative"), "PRECISION": utils.PRECISIONS,
+           "DISTANCE": ("transfer", "fisher", "both"), "FISHER_PARAMS": ("all", "last")}
+FISHER_KEYS = frozenset({"SEED", "VAL_FRACTION", "TRAIN_LIMIT", "FISHER_SAMPLES", "FISHER_PARAMS", "PRECISION"})
 
 
 def check_config(cfg):
@@ -390,6 +400,154 @@ def measure_pair(source_feats, target_feats, head, labels, labels_val, cfg, devi
                 curve=sweep.curve), state
 
 
+# ----------------------------------------------------------------------------- the Fisher task distance
+def split_head(network):
+    """(body, head) of a classifier: the BaseCNN's encoder and head, or a torchvision ResNet without and with fc."""
+    if hasattr(network, "encoder"):
+        return network.encoder, network.head
+    body = copy.deepcopy(network)
+    head, body.fc = body.fc, torch.nn.Identity()
+    return body, head
+
+
+def refit_head(body, x, y, num_classes, precision="fp32"):
+    """A linear head for the task (x, y) on the frozen features of body: logistic regression by L-BFGS from
+    zero weights (deterministic), with a small L2 penalty that keeps separable tasks finite."""
+    features = utils.predict(body, x, 500, precision).clone()  # out of inference mode, for autograd
+    head = torch.nn.Linear(features.shape[1], num_classes)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    optimizer = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=200, line_search_fn="strong_wolfe")
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(head(features), y) + 1e-4 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+    optimizer.step(closure)
+    return head.requires_grad_(False)
+
+
+def squared_grad_sums(module, a, g):
+    """Sum over a chunk of the squared per-sample gradients of a Linear's or Conv2d's weight and bias, in
+    closed form from the layer's inputs a and output gradients g (a sample's weight gradient is g_i a_i^T,
+    over the unfolded patches for a convolution)."""
+    g = g.float()
+    if isinstance(module, torch.nn.Linear):  # never a per-sample copy of the weight
+        return dict(weight=g.pow(2).T @ a.float().pow(2), bias=g.pow(2).sum(0))
+    cols = F.unfold(a.float(), module.kernel_size, module.dilation, module.padding, module.stride)
+    weight = torch.bmm(g.flatten(2), cols.transpose(1, 2)).pow(2).sum(0)
+    return dict(weight=weight.view_as(module.weight), bias=g.sum((2, 3)).pow(2).sum(0))
+
+
+def closed_form(module):
+    return isinstance(module, torch.nn.Linear) or (isinstance(module, torch.nn.Conv2d) and module.groups == 1
+                                                    and module.padding_mode == "zeros")
+
+
+def fisher_diagonal(model, x, y, names=None, chunk=128, precision="fp32"):
+    """The diagonal of the empirical Fisher of model's parameters (those in `names`; all by default) on the
+    labelled images (x, y): the mean of the squared per-sample gradients of the cross-entropy, `chunk` images
+    at a time. Linear and Conv2d layers sum them in closed form from one batched backward pass (each sample's
+    output gradient under the summed loss is its own); the other parameters (BatchNorm's) get per-sample
+    gradients from torch.func (vmap over grad)."""
+    model.eval()
+    device = next(model.parameters()).device
+    params = {k: v.detach() for k, v in model.named_parameters() if names is None or k in names}
+    layers = {n: m for n, m in model.named_modules() if closed_form(m)
+              and any(f"{n}.{p}" in params for p in ("weight", "bias"))}
+    general = {k: v for k, v in params.items() if k.rsplit(".", 1)[0] not in layers}
+    frozen = {k: v.detach() for k, v in model.named_parameters() if k not in general}
+    buffers = dict(model.named_buffers())
+    def loss(p, xi, yi):
+        with utils.autocast(precision, device):
+            out = torch.func.functional_call(model, (p, frozen, buffers), (xi.unsqueeze(0),))
+        return F.cross_entropy(out.float(), yi.unsqueeze(0))
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))
+    seen = {}  # each layer's (input, output) on the chunk
+    hooks = [m.register_forward_hook(lambda _, inputs, out, n=n: seen.__setitem__(n, (inputs[0].detach(), out)))
+             for n, m in layers.items()]
+    total = {k: torch.zeros_like(v) for k, v in params.items()}
+    try:
+        for i in range(0, len(x), chunk):
+            xb, yb = x[i:i + chunk].to(device), y[i:i + chunk].to(device)
+            if general:
+                for k, g in per_sample(general, xb, yb).items():
+                    total[k] += g.pow(2).sum(0)
+            if layers:
+                with utils.autocast(precision, device):
+                    out = model(xb.requires_grad_(True))  # every layer's output then needs a gradient
+                grads = torch.autograd.grad(F.cross_entropy(out.float(), yb, reduction="sum"),
+                                            [seen[n][1] for n in layers])
+                for (n, module), g in zip(layers.items(), grads):
+                    for p, value in squared_grad_sums(module, seen[n][0], g).items():
+                        if f"{n}.{p}" in total:
+                            total[f"{n}.{p}"] += value
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.cat([v.flatten() for v in total.values()]) / len(x)
+
+
+def fisher_distance(a, b):
+    """The Fisher task distance of two Fisher diagonals: (1/sqrt 2) ||sqrt A - sqrt B|| after normalising
+    each to unit trace; 0 for equal matrices, at most 1."""
+    a, b = a.double() / a.sum(), b.double() / b.sum()
+    return float(torch.sqrt(0.5 * (a.sqrt() - b.sqrt()).pow(2).sum()))
+
+
+def task_fisher(network, data, cfg):
+    """F of a network for task `data`: its body with a head refitted to the task, on FISHER_SAMPLES training
+    images; over FISHER_PARAMS."""
+    body, _ = split_head(network)
+    x, y = data.train.x[:cfg.FISHER_SAMPLES], data.train.y[:cfg.FISHER_SAMPLES]
+    head = refit_head(body, data.train.x[:10 * cfg.FISHER_SAMPLES], data.train.y[:10 * cfg.FISHER_SAMPLES],
+                      data.task.num_classes, cfg.PRECISION)
+    model = torch.nn.Sequential(body, head.to(next(body.parameters()).device))
+    names = None
+    if cfg.FISHER_PARAMS == "last":
+        weighted = [n.rsplit(".", 1)[0] for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1]
+        names = {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[0] in weighted[-2:]}
+    return fisher_diagonal(model, x, y, names, precision=cfg.PRECISION)
+
+
+def fisher_pairs(networks, data, cfg, out, device, log):
+    """d_F(source -> target) for every source and target, each saved to fisher/<source>__<target>.json."""
+    config = {k: getattr(cfg, k) for k in sorted(FISHER_KEYS)}
+    results = []
+    for target in cfg.TARGETS:
+        own = None  # F of the target's own network, computed once per target when a pair needs it
+        for source in cfg.SOURCES:
+            path = out / "fisher" / f"{pair_name(source, target)}.json"
+            here = pair_config(config, source, target, cfg)
+            result = utils.load_current(path, here, log)
+            if result is None:
+                tick = time.perf_counter()
+                own = task_fisher(networks[target], data[target], cfg) if own is None else own
+                distance = 0.0 if source == target else fisher_distance(
+                    task_fisher(networks[source], data[target], cfg), own)
+                result = dict(source=source, target=target, config=here, distance=distance,
+                              seconds=time.perf_counter() - tick, device=str(device))
+                utils.write_json(path, result)
+                log.info("d_F(%s → %s) = %.4f, %.1f s", source, target, distance, result["seconds"])
+            results.append(result)
+    return results
+
+
+def agreement(transfer, fisher, k):
+    """Per target: Spearman correlation of the two distances over the sources, and the overlap of the k closest."""
+    rows = []
+    for target in fisher.columns:
+        if target not in transfer.columns:
+            continue
+        sources = [s for s in fisher.index if s != target]
+        t = transfer.loc[sources, target].fillna(np.inf)  # an infeasible source ranks last
+        f = fisher.loc[sources, target]
+        rho = float(np.corrcoef(t.rank(), f.rank())[0, 1])
+        overlap = len(set(t.nsmallest(k).index) & set(f.nsmallest(k).index))
+        rows.append(dict(target=target, spearman=rho, **{f"closest_{k}_overlap": overlap}))
+    return pd.DataFrame(rows)
+
+
 # ----------------------------------------------------------------------------- the matrix
 def feasibility_level(checkpoints, cfg):
     """The level an unpruned transfer must reach, in performance points: 1 - k eps with k = 2 ("2eps") or 1
@@ -422,23 +580,23 @@ def pair_name(source, target):
     return f"{source}__{target}"
 
 
-def plot_heatmap(matrix, path, title):
+def plot_heatmap(matrix, path, title, vmax=100.0, label="d(A → B): % of transfer-net parameters kept", digits=1):
     values = matrix.to_numpy(dtype=float)
     fig = Figure(figsize=(max(6.0, 2.5 + 0.75 * matrix.shape[1]), max(3.0, 1.0 + 0.6 * matrix.shape[0])))
     ax = fig.subplots()
     ax.patch.set_facecolor("0.85")
     ax.patch.set_hatch("//")  # infeasible pairs: no distance, the hatched background shows through
-    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=0, vmax=100)
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=0, vmax=vmax)
     ax.set_xticks(range(matrix.shape[1]), matrix.columns, rotation=45, ha="right")
     ax.set_yticks(range(matrix.shape[0]), matrix.index)
     for (i, j), value in np.ndenumerate(values):
-        text = "inf." if np.isnan(value) else f"{value:.1f}"
+        text = "inf." if np.isnan(value) else f"{value:.{digits}f}"
         ax.text(j, i, text, ha="center", va="center", fontsize=8,
-                color="black" if np.isnan(value) or value >= 60 else "white")
+                color="black" if np.isnan(value) or value >= 0.6 * vmax else "white")
     ax.set_xlabel("target task B")
     ax.set_ylabel("source task A")
     ax.set_title(title)
-    fig.colorbar(image, ax=ax, label="d(A → B): % of transfer-net parameters kept")
+    fig.colorbar(image, ax=ax, label=label)
     fig.tight_layout()
     utils.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight"))
 
@@ -538,6 +696,22 @@ def main(argv=None):
     networks, checkpoints = {}, {}
     for name in data:
         networks[name], checkpoints[name] = load_network(name, data[name], cfg, device)
+    results = []
+    if cfg.DISTANCE != "fisher":
+        with utils.stage(log, "transfer distances"):
+            results = transfer_pairs(networks, checkpoints, data, cfg, out, device, log)
+        write_outputs(results, cfg, out, log)
+    if cfg.DISTANCE != "transfer":
+        with utils.stage(log, "Fisher distances"):
+            fisher = fisher_pairs(networks, data, cfg, out, device, log)
+        write_fisher_outputs(fisher, results, cfg, out, log)
+    log.info("total wall-clock %.1f s", time.perf_counter() - start)
+    return results
+
+
+def transfer_pairs(networks, checkpoints, data, cfg, out, device, log):
+    """Every (source, target) pair's transfer distance: measured now, or read back when it was measured with
+    these settings and networks; with the pairs earlier runs measured for other targets."""
     level = feasibility_level(checkpoints, cfg)
     if level is not None:
         log.info("feasibility: an unpruned transfer must reach %.2f %% %s (%s, eps of the dictionary's base networks)",
@@ -557,10 +731,31 @@ def main(argv=None):
                 results.append(decide(result, level, cfg.PERFORMANCE))
                 overall.update()
     done = {(r["source"], r["target"]) for r in results}
-    results += [decide(r, level, cfg.PERFORMANCE) for r in earlier_pairs(out, config, cfg, done, log)]
-    write_outputs(results, cfg, out, log)
-    log.info("total wall-clock %.1f s", time.perf_counter() - start)
-    return results
+    return results + [decide(r, level, cfg.PERFORMANCE) for r in earlier_pairs(out, config, cfg, done, log)]
+
+
+def write_fisher_outputs(fisher, transfer, cfg, out, log):
+    """The Fisher matrix (CSV, heatmap), each target's sources by Fisher distance, and with both distances
+    their rank agreement."""
+    frame = pd.DataFrame(fisher)
+    matrix = frame.pivot(index="source", columns="target", values="distance").reindex(
+        index=list(cfg.SOURCES), columns=list(cfg.TARGETS))
+    utils.atomic_write(out / "fisher_matrix.csv", lambda tmp: matrix.to_csv(tmp, float_format="%.4f"))
+    plot_heatmap(matrix, out / "fisher_heatmap.png", "Fisher task distance d_F(source → target)", vmax=1.0,
+                 label="d_F(A → B)", digits=3)
+    closest = {t: [dict(task=s, distance=float(matrix.at[s, t]), feasible=True)
+                   for s in matrix[t].drop(t, errors="ignore").sort_values(kind="stable").index] for t in matrix.columns}
+    data = {t: frame[frame.target == t].iloc[0]["config"]["target_data"] for t in matrix.columns}
+    utils.write_json(out / "fisher_closest.json", dict(config=utils.result_config(cfg, ("K",)), k=cfg.K,
+                                                      distance="fisher", data=data, closest=closest))
+    log.info("Fisher task distance, rows = source A, columns = target B (%s):\n%s", out / "fisher_matrix.csv",
+             matrix.to_string(float_format="{:.4f}".format))
+    if transfer:
+        transfer_matrix = pd.read_csv(out / "matrix.csv", index_col=0)
+        table = agreement(transfer_matrix, matrix, cfg.K)
+        utils.atomic_write(out / "agreement.csv", lambda tmp: table.to_csv(tmp, index=False, float_format="%.4f"))
+        log.info("rank agreement of the two distances per target (%s):\n%s", out / "agreement.csv",
+                 table.to_string(index=False, float_format="{:.3f}".format))
 
 
 def run_pair(source, target, networks, data, cache, config, cfg, device, out, log):

@@ -354,3 +354,76 @@ def test_bad_constants_are_refused(setup, tmp_path, run, arg, shown):
     data, ckpt = setup
     with pytest.raises(utils.UserError, match=shown):
         run(data, ckpt, ["mnist1"], ["mnist1"], arg)
+
+
+# ----------------------------------------------------------------------------- the Fisher task distance
+def test_fisher_distance_is_zero_to_itself_bounded_symmetric_and_trace_free():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.rand(50, generator=gen), torch.rand(50, generator=gen)
+    assert prune_transform.fisher_distance(a, a) == 0
+    assert prune_transform.fisher_distance(a, 7 * a) == pytest.approx(0, abs=1e-6)  # unit trace first
+    d = prune_transform.fisher_distance(a, b)
+    assert 0 < d < 1 and d == pytest.approx(prune_transform.fisher_distance(b, a))
+    disjoint = torch.cat([torch.ones(5), torch.zeros(5)]), torch.cat([torch.zeros(5), torch.ones(5)])
+    assert prune_transform.fisher_distance(*disjoint) == pytest.approx(1)  # the largest value
+
+
+def test_chunked_vmap_fisher_equals_a_loop_over_single_images():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(72, 3))
+    model(torch.randn(16, 1, 8, 8))  # running statistics away from their defaults
+    x, y = torch.randn(7, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2, 2])
+    model.eval()
+    expected = [torch.zeros_like(p) for p in model.parameters()]
+    for xi, yi in zip(x, y):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(xi[None]), yi[None]).backward()
+        for total, p in zip(expected, model.parameters()):
+            total += p.grad.pow(2) / len(x)
+    got = prune_transform.fisher_diagonal(model, x, y, chunk=3)  # the conv by vmap, the Linear in closed form
+    torch.testing.assert_close(got, torch.cat([e.flatten() for e in expected]))
+    last = prune_transform.fisher_diagonal(model, x, y, names={"4.weight", "4.bias"}, chunk=3)
+    torch.testing.assert_close(last, torch.cat([expected[-2].flatten(), expected[-1]]))
+
+
+@pytest.fixture(scope="module")
+def fisher_run(setup, full_run, tmp_path_factory, run):
+    """The Fisher distance beside the measured transfer distance ("both": the transfer pairs are reused)."""
+    data, _ = setup
+    out = tmp_path_factory.mktemp("fisher")
+    shutil.copytree(full_run[0], out, dirs_exist_ok=True)
+    run(data, out, SOURCES, TARGETS, "--DISTANCE=both", "--FISHER_SAMPLES=200")
+    return out / "distances"
+
+
+def test_fisher_matrix_closest_list_and_agreement(fisher_run):
+    matrix = pd.read_csv(fisher_run / "fisher_matrix.csv", index_col=0)
+    assert list(matrix.index) == SOURCES and list(matrix.columns) == TARGETS
+    assert matrix.at["mnist0", "mnist0"] == 0
+    off = matrix.drop("mnist0")["mnist0"].tolist() + matrix[COPY].tolist()
+    assert all(0 < d < 1 for d in off)
+    closest = json.loads((fisher_run / "fisher_closest.json").read_text())
+    assert closest["distance"] == "fisher"
+    for target in TARGETS:  # every other source, nearest first
+        ranked = [(r["task"], r["distance"]) for r in closest["closest"][target]]
+        assert ranked == sorted(((s, matrix.at[s, target]) for s in SOURCES if s != target), key=lambda r: r[1])
+    assert set(closest["data"]) == set(TARGETS)
+    agreement = pd.read_csv(fisher_run / "agreement.csv")
+    assert list(agreement["target"]) == TARGETS and agreement["spearman"].between(-1, 1).all()
+    assert (fisher_run / "fisher_heatmap.png").stat().st_size > 0
+    assert len(list((fisher_run / "fisher").glob("*.json"))) == len(SOURCES) * len(TARGETS)
+
+
+def test_networks_trained_alike_are_at_fisher_distance_zero(setup, tmp_path, run_script):
+    """Remark 1 of the Fisher task distance: the same seed, data order and task give the same network."""
+    data, ckpt = setup
+    run_script(train_task, data, tmp_path, "--TASKS=['mnist0']", *LIMITS)
+    cfg = utils.configure(vars(prune_transform), [f"--DATA_DIR={data}", "--FISHER_SAMPLES=100", *LIMITS])
+    task, device = utils.load_task("mnist1", cfg), torch.device("cpu")
+    fishers = []
+    for folder in (ckpt, tmp_path):
+        cfg.CKPT_DIR = str(folder)
+        network, _ = prune_transform.load_network("mnist0", utils.load_task("mnist0", cfg), cfg, device)
+        fishers.append(prune_transform.task_fisher(network, task, cfg))
+    assert prune_transform.fisher_distance(*fishers) == 0
