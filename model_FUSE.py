@@ -46,6 +46,7 @@ PAPER_ROWS = {
     "densenet161": ("DenseNet-161", 1.17, 27.60, None),
 }
 CLOSEST_FILES = {"transfer": "closest.json", "fisher": "fisher_closest.json"}  # step 2's outputs, by DISTANCE
+ALL_THREADS = torch.get_num_threads()  # torch's default, before THREADS applies
 ROW_SEARCH = {"fuse_task_aware": "task_aware", "fuse_standard": "standard", "random": "random"}
 
 PRESET = ""               # "" = the constants below as written; or a name from PRESETS (paper, smoke)
@@ -87,23 +88,25 @@ FINAL_LIMIT = 1000        # retrain on at most this many training images (paper:
 FINAL_SEEDS = [0]         # one retraining per seed: the table gives mean ± sd and a paired test against TA-NAS on
                           # the same test images (paper preset: 3 seeds; the paper: one run)
 REDUCED_ROWS = ["resnet34", "densenet161"]  # rows retrained on the reduced budget below, stated in the table
-                          # (paper preset: none; these two take many minutes an epoch on a CPU)
+                          # (paper preset: none; these two take minutes an epoch on a CPU even on the sample)
 REDUCED_EPOCHS = 1
 REDUCED_LIMIT = 250
-ROWS = list(PAPER_ROWS)   # comparison rows to run, from PAPER_ROWS
+ROWS = ["fuse_task_aware", "fuse_standard", "random", "resnet18"]  # comparison rows, from PAPER_ROWS (paper
+                          # preset: all six; ResNet-34 and DenseNet-161 would double a plain run on a CPU)
 EVAL_BATCH = 1000         # images per forward pass when evaluating (speed only)
-THREADS = 1               # CPU threads (0 = torch's default); 1 spares small networks OpenMP's waits on a
-                          # busy machine (speed only, though the last bits of results may depend on it)
+THREADS = 1               # CPU threads of the searched networks (0 = torch's default); 1 spares small networks
+                          # OpenMP's waits on a busy machine; the torchvision rows use every core (speed only,
+                          # though the last bits of results may depend on it)
 
 # named sets of constants (--PRESET=name); precedence: the constants above < the preset < --NAME=value
 PRESETS = {
     # the authors' budgets (released code), on whatever data is in DATA_DIR
     "paper": dict(TRAIN_LIMIT=0, EVAL_LIMIT=0, SEARCH_LIMIT=0, FINAL_LIMIT=0, NODES=3, C=64, N=3, CANDIDATES=3,
                   ROUNDS=10, BASE_ROUNDS=10, W_EPOCHS=5, ALPHA_EPOCHS=5, MAX_ALTERNATIONS=5, BATCH_SIZE=128,
-                  FINAL_EPOCHS=10, FINAL_SEEDS=[0, 1, 2], REDUCED_ROWS=[], THREADS=0),
+                  FINAL_EPOCHS=10, FINAL_SEEDS=[0, 1, 2], REDUCED_ROWS=[], ROWS=list(PAPER_ROWS), THREADS=0),
     # the tests: seconds
     "smoke": dict(TRAIN_LIMIT=400, EVAL_LIMIT=200, C=4, CANDIDATES=2, ROUNDS=2, BASE_ROUNDS=1, ALPHA_EPOCHS=1,
-                  MAX_ALTERNATIONS=2, FINAL_EPOCHS=1, ROWS=["fuse_task_aware", "fuse_standard", "random", "resnet18"]),
+                  MAX_ALTERNATIONS=2, FINAL_EPOCHS=1),
 }
 
 # the constants a search's result depends on: rounds, dictionary entries and random trials are
@@ -533,14 +536,18 @@ def run_row(row, data, searches, out, cfg, device, log):
     epochs, images = budget(row, cfg)
     config = dict(pick(cfg, FINAL_KEYS), row=row, task=data.name, data=data.fingerprint, epochs=epochs,
                   images=images, genotype=genotype.to_json() if genotype else None)
-    runs = []
+    runs, threads = [], torch.get_num_threads()
     for s in cfg.FINAL_SEEDS:
         path = out / "rows" / f"{row}_seed{s}.json"
         run = utils.load_current(path, dict(config, seed=s), log)
         if run is None:
             start = time.perf_counter()
-            model, metrics, errors = retrain(build, data, epochs, images, cfg, device, seed_of(cfg.SEED, "final", s),
-                                             f"{row} seed {s}")
+            torch.set_num_threads(threads if genotype else ALL_THREADS)  # large convolutions use every core
+            try:
+                model, metrics, errors = retrain(build, data, epochs, images, cfg, device,
+                                                 seed_of(cfg.SEED, "final", s), f"{row} seed {s}")
+            finally:
+                torch.set_num_threads(threads)
             run = dict(config=dict(config, seed=s), metrics=metrics, **errors, params=count_parameters(model),
                        seconds=time.perf_counter() - start, device=device_label(device))
             if genotype:
@@ -702,6 +709,8 @@ def main(argv=None):
         torch.set_num_threads(cfg.THREADS)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False  # same seed, same genotypes
     log = utils.start_run("model_FUSE", cfg, device)
+    utils.warn_paper_on_cpu(cfg, device, log, "days: one FUSE round at C = 64, N = 3 on the full data is about 10 h at "
+                                              "a 2-core CPU's matmul peak, and every search runs 10 rounds")
     out = Path(cfg.CKPT_DIR) / "search" / cfg.TARGET
     start = time.perf_counter()
     with utils.stage(log, "data"):

@@ -83,6 +83,7 @@ PRESETS = {
 }
 
 # the constants a pair's measurement depends on: a pair file is reused while these match
+CPU_MINUTES_PER_PAIR = 4  # a full-data pair: 2,700 training steps and its pruning sweep at 2 threads (README)
 PAIR_KEYS = frozenset({"SEED", "VAL_FRACTION", "TRAIN_LIMIT", "EVAL_LIMIT", "FEATURES", "TRANSFER_EPOCHS",
                        "BATCH_SIZE", "LR", "LR_SCHEDULE", "TRANSFER_SEED", "PERFORMANCE", "PROBE_EPOCHS",
                        "TOLERANCE", "SCHEDULE", "FINETUNE_EPOCHS", "PRUNE_LEVELS", "REFINE", "PRECISION"})
@@ -689,6 +690,9 @@ def main(argv=None):
     if cfg.THREADS:
         torch.set_num_threads(cfg.THREADS)
     log = utils.start_run("prune_transform", cfg, device)
+    pairs = len(cfg.SOURCES) * len(cfg.TARGETS)
+    utils.warn_paper_on_cpu(cfg, device, log, f"about {pairs * CPU_MINUTES_PER_PAIR / 60:.0f} h ({pairs} pairs, "
+                                              f"{CPU_MINUTES_PER_PAIR} min each on full data)")
     out = Path(cfg.CKPT_DIR) / "distances"
     start = time.perf_counter()
     # check every network before any work, so a missing one fails at once and writes nothing

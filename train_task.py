@@ -35,7 +35,7 @@ PRESETS = {
 }
 
 
-CPU_MINUTES_PER_TASK = 1.3  # one epoch on 54,000 images at 730 images/s (README, Performance)
+CPU_MINUTES_PER_TASK = 2.6  # one epoch on 54,000 images at 350 images/s on a 2-core AVX2 CPU (README, Performance)
 
 
 def train_network(data, cfg, device):

@@ -326,6 +326,13 @@ def test_a_retrained_network_invalidates_its_pairs(setup, full_run, tmp_path, mo
     assert calls == ["tshirt", "tshirt"]  # its pairs with both targets, nothing else
 
 
+def test_the_paper_preset_on_a_cpu_first_says_what_it_costs(tmp_path):
+    with pytest.raises(utils.UserError, match="no step-1 network"):
+        prune_transform.main(["--PRESET=paper", f"--DATA_DIR={SAMPLE.parent}", f"--CKPT_DIR={tmp_path}", "--DEVICE=cpu"])
+    assert "the paper preset on a CPU: about 7 h (110 pairs, 4 min each" in (
+        tmp_path / "logs" / "prune_transform.log").read_text()
+
+
 def test_missing_checkpoint_names_the_step_1_command(setup, tmp_path, run):
     data, _ = setup
     with pytest.raises(utils.UserError, match=r"no step-1 network for task 'mnist1'.*python train_task.py"):
