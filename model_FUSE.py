@@ -91,8 +91,7 @@ REDUCED_ROWS = ["resnet34", "densenet161"]  # rows retrained on the reduced budg
                           # (paper preset: none; these two take minutes an epoch on a CPU even on the sample)
 REDUCED_EPOCHS = 1
 REDUCED_LIMIT = 250
-ROWS = ["fuse_task_aware", "fuse_standard", "random", "resnet18"]  # comparison rows, from PAPER_ROWS (paper
-                          # preset: all six; ResNet-34 and DenseNet-161 would double a plain run on a CPU)
+ROWS = list(PAPER_ROWS)   # comparison rows to run, from PAPER_ROWS
 EVAL_BATCH = 1000         # images per forward pass when evaluating (speed only)
 THREADS = 1               # CPU threads of the searched networks (0 = torch's default); 1 spares small networks
                           # OpenMP's waits on a busy machine; the torchvision rows use every core (speed only,
@@ -103,10 +102,10 @@ PRESETS = {
     # the authors' budgets (released code), on whatever data is in DATA_DIR
     "paper": dict(TRAIN_LIMIT=0, EVAL_LIMIT=0, SEARCH_LIMIT=0, FINAL_LIMIT=0, NODES=3, C=64, N=3, CANDIDATES=3,
                   ROUNDS=10, BASE_ROUNDS=10, W_EPOCHS=5, ALPHA_EPOCHS=5, MAX_ALTERNATIONS=5, BATCH_SIZE=128,
-                  FINAL_EPOCHS=10, FINAL_SEEDS=[0, 1, 2], REDUCED_ROWS=[], ROWS=list(PAPER_ROWS), THREADS=0),
+                  FINAL_EPOCHS=10, FINAL_SEEDS=[0, 1, 2], REDUCED_ROWS=[], THREADS=0),
     # the tests: seconds
     "smoke": dict(TRAIN_LIMIT=400, EVAL_LIMIT=200, C=4, CANDIDATES=2, ROUNDS=2, BASE_ROUNDS=1, ALPHA_EPOCHS=1,
-                  MAX_ALTERNATIONS=2, FINAL_EPOCHS=1),
+                  MAX_ALTERNATIONS=2, FINAL_EPOCHS=1, ROWS=["fuse_task_aware", "fuse_standard", "random", "resnet18"]),
 }
 
 # the constants a search's result depends on: rounds, dictionary entries and random trials are
