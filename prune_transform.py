@@ -543,7 +543,7 @@ def agreement(transfer, fisher, k):
         sources = [s for s in fisher.index if s != target]
         t = transfer.loc[sources, target].fillna(np.inf)  # an infeasible source ranks last
         f = fisher.loc[sources, target]
-        rho = float(np.corrcoef(t.rank(), f.rank())[0, 1])
+        rho = float(t.rank().corr(f.rank()))  # Spearman; NaN when either ranks every source alike
         overlap = len(set(t.nsmallest(k).index) & set(f.nsmallest(k).index))
         rows.append(dict(target=target, spearman=rho, **{f"closest_{k}_overlap": overlap}))
     return pd.DataFrame(rows)
