@@ -701,13 +701,8 @@ def run_searches(data, ranked, out, cfg, device, log):
 
 
 def main(argv=None):
-    cfg = utils.configure(globals(), argv)
-    check_config(cfg)
-    device = utils.get_device(cfg.DEVICE)
-    if cfg.THREADS:
-        torch.set_num_threads(cfg.THREADS)
+    cfg, device, log = utils.start_script("model_FUSE", globals(), argv, check_config)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False  # same seed, same genotypes
-    log = utils.start_run("model_FUSE", cfg, device)
     utils.warn_paper_on_cpu(cfg, device, log, "days: one FUSE round at C = 64, N = 3 on the full data is about 10 h at "
                                               "a 2-core CPU's matmul peak, and every search runs 10 rounds")
     out = Path(cfg.CKPT_DIR) / "search" / cfg.TARGET

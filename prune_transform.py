@@ -514,25 +514,23 @@ def task_fisher(network, data, cfg):
 
 def fisher_pairs(networks, data, cfg, out, device, log):
     """d_F(source -> target) for every source and target, each saved to fisher/<source>__<target>.json."""
+    own = {}  # F of the target's own network: computed once per target, when a pair needs it
+
+    def measure(source, target, config):
+        tick = time.perf_counter()
+        if target not in own:
+            own.clear()
+            own[target] = task_fisher(networks[target], data[target], cfg)
+        distance = 0.0 if source == target else fisher_distance(
+            task_fisher(networks[source], data[target], cfg), own[target])
+        result = dict(source=source, target=target, config=config, distance=distance,
+                      seconds=time.perf_counter() - tick, device=str(device))
+        utils.write_json(out / "fisher" / f"{pair_name(source, target)}.json", result)
+        log.info("d_F(%s → %s) = %.4f, %.1f s", source, target, distance, result["seconds"])
+        return result
+
     config = {k: getattr(cfg, k) for k in sorted(FISHER_KEYS)}
-    results = []
-    for target in cfg.TARGETS:
-        own = None  # F of the target's own network, computed once per target when a pair needs it
-        for source in cfg.SOURCES:
-            path = out / "fisher" / f"{pair_name(source, target)}.json"
-            here = pair_config(config, source, target, cfg)
-            result = utils.load_current(path, here, log)
-            if result is None:
-                tick = time.perf_counter()
-                own = task_fisher(networks[target], data[target], cfg) if own is None else own
-                distance = 0.0 if source == target else fisher_distance(
-                    task_fisher(networks[source], data[target], cfg), own)
-                result = dict(source=source, target=target, config=here, distance=distance,
-                              seconds=time.perf_counter() - tick, device=str(device))
-                utils.write_json(path, result)
-                log.info("d_F(%s → %s) = %.4f, %.1f s", source, target, distance, result["seconds"])
-            results.append(result)
-    return results
+    return each_pair(out / "fisher", config, list(cfg.TARGETS), cfg, log, measure, "Fisher pairs")
 
 
 def agreement(transfer, fisher, k):
@@ -642,28 +640,49 @@ def pair_config(config, source, target, cfg):
     return dict(config, source=source, target=target, source_net=s_net, target_net=t_net, target_data=t_data)
 
 
-def earlier_pairs(out, config, cfg, done, log):
-    """Pairs of SOURCES measured by earlier runs for other targets, still valid: the same settings and the
-    same step-1 networks. They stay in the matrix and in closest.json."""
-    found = []
-    for path in sorted((out / "pairs").glob("*.json")):
+def each_pair(folder, config, targets, cfg, log, measure, desc):
+    """Every (source, target) pair's result: read back from folder/<source>__<target>.json when it was saved
+    with these settings and networks, else measure(source, target, its config), which saves it. Then the pairs
+    of SOURCES that earlier runs saved there for other targets, still valid: they stay in the matrix and in
+    the closest lists."""
+    results = []
+    with tqdm(total=len(cfg.SOURCES) * len(targets), desc=desc, unit="pair") as overall:
+        for target in targets:
+            for source in cfg.SOURCES:
+                here = pair_config(config, source, target, cfg)
+                saved = utils.load_current(folder / f"{pair_name(source, target)}.json", here, log)
+                results.append(measure(source, target, here) if saved is None else saved)
+                overall.update()
+    done = {(r["source"], r["target"]) for r in results}
+    for path in sorted(folder.glob("*.json")):
         source, _, target = path.stem.partition("__")
         if source not in cfg.SOURCES or (source, target) in done or target not in utils.TASK_REGISTRY or \
                 network_id(source, cfg) is None or network_id(target, cfg) is None:
             continue
         saved = utils.load_current(path, pair_config(config, source, target, cfg), log)
         if saved:
-            found.append(saved)
-    return found
+            results.append(saved)
+    return results
+
+
+def measured_matrix(frame, cfg, values):
+    """Rows SOURCES; columns the targets measured from every source: TARGETS first, then earlier runs' targets."""
+    targets = list(dict.fromkeys(list(cfg.TARGETS) + sorted(set(frame.target) - set(cfg.TARGETS))))
+    complete = [t for t in targets if set(frame[frame.target == t].source) >= set(cfg.SOURCES)]
+    return frame.pivot(index="source", columns="target", values=values).reindex(
+        index=list(cfg.SOURCES), columns=complete).astype(float)
+
+
+def write_closest(path, frame, closest, cfg, **about):
+    """A closest list (per target, its sources nearest first) with what step 3 checks it against."""
+    data = {t: frame[frame.target == t].iloc[0]["config"]["target_data"] for t in closest}
+    utils.write_json(path, dict(config=utils.result_config(cfg, ("K",)), k=cfg.K, **about, data=data, closest=closest))
 
 
 def write_outputs(results, cfg, out, log):
     frame = pd.DataFrame(results)
-    targets = list(dict.fromkeys(list(cfg.TARGETS) + sorted(set(frame.target) - set(cfg.TARGETS))))
-    complete = [t for t in targets if set(frame[frame.target == t].source) >= set(cfg.SOURCES)]
-    order = dict(index=list(cfg.SOURCES), columns=complete)
-    matrix = frame.pivot(index="source", columns="target", values="distance").reindex(**order).astype(float)
-    measured = frame.pivot(index="source", columns="target", values="measured_distance").reindex(**order)
+    matrix, measured = (measured_matrix(frame, cfg, values) for values in ("distance", "measured_distance"))
+    complete = list(matrix.columns)
     for name, table in (("matrix.csv", matrix), ("matrix_measured.csv", measured)):
         utils.atomic_write(out / name, lambda tmp: table.to_csv(tmp, float_format="%.4f"))
     plot_heatmap(matrix, out / "heatmap.png", "Task distance d(source → target); hatched: infeasible")
@@ -671,11 +690,8 @@ def write_outputs(results, cfg, out, log):
     closest = {t: [dict(task=r["source"], distance=r["distance"], feasible=r["feasible"],
                         unpruned_performance=r["unpruned"][cfg.PERFORMANCE]) for r in rank_sources(results, t)]
                for t in complete}
-    payload = dict(config=utils.result_config(cfg, ("K",)), k=cfg.K, performance=cfg.PERFORMANCE,
-                   feasibility_level=results[0]["feasibility_level"] if results else None,
-                   data={t: frame[frame.target == t].iloc[0]["config"]["target_data"] for t in complete},
-                   closest=closest)
-    utils.write_json(out / "closest.json", payload)
+    write_closest(out / "closest.json", frame, closest, cfg, performance=cfg.PERFORMANCE,
+                  feasibility_level=results[0]["feasibility_level"] if results else None)
     log.info("distance matrix, rows = source A, columns = target B (%s; empty = infeasible):\n%s",
              out / "matrix.csv", matrix.to_string(float_format="{:.2f}".format))
     for t in complete:
@@ -685,12 +701,7 @@ def write_outputs(results, cfg, out, log):
 
 
 def main(argv=None):
-    cfg = utils.configure(globals(), argv)
-    check_config(cfg)
-    device = utils.get_device(cfg.DEVICE)
-    if cfg.THREADS:
-        torch.set_num_threads(cfg.THREADS)
-    log = utils.start_run("prune_transform", cfg, device)
+    cfg, device, log = utils.start_script("prune_transform", globals(), argv, check_config)
     pairs = len(cfg.SOURCES) * len(cfg.TARGETS)
     utils.warn_paper_on_cpu(cfg, device, log, f"about {pairs * CPU_MINUTES_PER_PAIR / 60:.0f} h ({pairs} pairs, "
                                               f"{CPU_MINUTES_PER_PAIR} min each on full data)")
@@ -724,35 +735,21 @@ def transfer_pairs(networks, checkpoints, data, cfg, out, device, log):
     config = {k: getattr(cfg, k) for k in sorted(PAIR_KEYS)}
     cache = FeatureCache(cfg.EVAL_BATCH, cfg.PRECISION)
     targets = sorted(cfg.TARGETS, key=lambda t: data[t].task.dataset)  # one dataset's features at a time
-    results = []
-    with tqdm(total=len(cfg.SOURCES) * len(targets), desc="pairs", unit="pair") as overall:
-        for target in targets:
-            for source in cfg.SOURCES:
-                path = out / "pairs" / f"{pair_name(source, target)}.json"
-                config_here = pair_config(config, source, target, cfg)
-                result = utils.load_current(path, config_here, log)
-                if result is None:
-                    result = run_pair(source, target, networks, data, cache, config_here, cfg, device, out, log)
-                results.append(decide(result, level, cfg.PERFORMANCE))
-                overall.update()
-    done = {(r["source"], r["target"]) for r in results}
-    return results + [decide(r, level, cfg.PERFORMANCE) for r in earlier_pairs(out, config, cfg, done, log)]
+    measure = lambda source, target, here: run_pair(source, target, networks, data, cache, here, cfg, device, out, log)
+    return [decide(r, level, cfg.PERFORMANCE) for r in each_pair(out / "pairs", config, targets, cfg, log, measure, "pairs")]
 
 
 def write_fisher_outputs(fisher, transfer, cfg, out, log):
     """The Fisher matrix (CSV, heatmap), each target's sources by Fisher distance, and with both distances
     their rank agreement."""
     frame = pd.DataFrame(fisher)
-    matrix = frame.pivot(index="source", columns="target", values="distance").reindex(
-        index=list(cfg.SOURCES), columns=list(cfg.TARGETS))
+    matrix = measured_matrix(frame, cfg, "distance")
     utils.atomic_write(out / "fisher_matrix.csv", lambda tmp: matrix.to_csv(tmp, float_format="%.4f"))
     plot_heatmap(matrix, out / "fisher_heatmap.png", "Fisher task distance d_F(source → target)", vmax=1.0,
                  label="d_F(A → B)", digits=3)
     closest = {t: [dict(task=s, distance=float(matrix.at[s, t]), feasible=True)
                    for s in matrix[t].drop(t, errors="ignore").sort_values(kind="stable").index] for t in matrix.columns}
-    data = {t: frame[frame.target == t].iloc[0]["config"]["target_data"] for t in matrix.columns}
-    utils.write_json(out / "fisher_closest.json", dict(config=utils.result_config(cfg, ("K",)), k=cfg.K,
-                                                      distance="fisher", data=data, closest=closest))
+    write_closest(out / "fisher_closest.json", frame, closest, cfg, distance="fisher")
     log.info("Fisher task distance, rows = source A, columns = target B (%s):\n%s", out / "fisher_matrix.csv",
              matrix.to_string(float_format="{:.4f}".format))
     if transfer:

@@ -59,9 +59,7 @@ def network_from(ckpt):
 
 
 def main(argv=None):
-    cfg = utils.configure(globals(), argv)
-    device = utils.get_device(cfg.DEVICE)
-    log = utils.start_run("train_task", cfg, device)
+    cfg, device, log = utils.start_script("train_task", globals(), argv)
     utils.warn_paper_on_cpu(cfg, device, log, f"about {len(cfg.TASKS) * CPU_MINUTES_PER_TASK:.0f} min "
                                               f"({len(cfg.TASKS)} tasks, {CPU_MINUTES_PER_TASK} min each on full data)")
     config = utils.result_config(cfg)

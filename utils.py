@@ -188,6 +188,18 @@ def keep_freed_memory():
     return bool(libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
+def start_script(script, constants, argv, check=None):
+    """The preamble of every step: its configuration (checked by `check`), device, CPU threads (a THREADS
+    constant, 0 = torch's default) and logger. Returns (cfg, device, log)."""
+    cfg = configure(constants, argv)
+    if check is not None:
+        check(cfg)
+    device = get_device(cfg.DEVICE)
+    if getattr(cfg, "THREADS", 0):
+        torch.set_num_threads(cfg.THREADS)
+    return cfg, device, start_run(script, cfg, device)
+
+
 def start_run(script, cfg, device):
     """A logger that writes to the console and to CKPT_DIR/logs/<script>.log, with the run's header."""
     log_dir = Path(cfg.CKPT_DIR) / "logs"
