@@ -59,8 +59,14 @@ FEASIBILITY = "2eps"      # a pair is infeasible when its unpruned transfer perf
                           # dictionary's: the largest validation error (in PERFORMANCE) of its base networks; "none"
 TOLERANCE = 1.0           # performance points a pruned transfer may lose against the unpruned one
 SCHEDULE = "oneshot"      # oneshot: every level pruned from the dense trained net; iterative: from the level before
-FINETUNE_EPOCHS = 1       # MSE epochs after pruning, at every level, continuing the training's Adam at LR
-                          # (released helper: 10, a fresh RMSprop); 0 measures the pruned net as it is
+FINETUNE_EPOCHS = 1       # MSE epochs after pruning, at every level, continuing the training's Adam with its lr
+                          # restarted at LR under LR_SCHEDULE (cosine: back to 0, so every level ends settled as the
+                          # training did; at a constant lr, one batch order against another moved the balanced
+                          # accuracy of one level by up to 5.6 points); released helper: 10, a fresh RMSprop.
+                          # 0 measures the pruned net as it is
+SEARCH = "bisect"         # which levels are fine-tuned and measured: "bisect" (search for the crossing, performance
+                          # taken to fall with sparsity) or "all" (the whole curve, for studies of the stopping rule;
+                          # without fine-tuning every level is measured anyway)
 PRUNE_LEVELS = [round(0.05 * k, 2) for k in range(1, 20)] + [0.975, 0.99, 0.995, 0.998, 0.999]  # shares of
                           # the weights pruned: the paper's 5 % grid, then on towards 1 in 1,000 weights kept
 REFINE = 0.02             # bisect the crossing until the kept shares of the last passing and the first failing
@@ -87,10 +93,10 @@ PRESETS = {
 CPU_MINUTES_PER_PAIR = 4  # a full-data pair: 2,700 training steps and its pruning sweep at 2 threads (README)
 PAIR_KEYS = frozenset({"SEED", "VAL_FRACTION", "TRAIN_LIMIT", "EVAL_LIMIT", "FEATURES", "TRANSFER_EPOCHS",
                        "BATCH_SIZE", "LR", "LR_SCHEDULE", "TRANSFER_SEED", "PERFORMANCE", "PROBE_EPOCHS",
-                       "TOLERANCE", "SCHEDULE", "FINETUNE_EPOCHS", "PRUNE_LEVELS", "REFINE", "PRECISION"})
+                       "TOLERANCE", "SCHEDULE", "FINETUNE_EPOCHS", "SEARCH", "PRUNE_LEVELS", "REFINE", "PRECISION"})
 CHOICES = {"FEATURES": ("standardized", "raw", "uint8"), "LR_SCHEDULE": ("constant", "cosine"),
            "PERFORMANCE": ("balanced_accuracy", "accuracy", "probe"), "FEASIBILITY": ("2eps", "eps", "none"),
-           "SCHEDULE": ("oneshot", "iterative"), "PRECISION": utils.PRECISIONS,
+           "SCHEDULE": ("oneshot", "iterative"), "SEARCH": ("bisect", "all"), "PRECISION": utils.PRECISIONS,
            "DISTANCE": ("transfer", "fisher", "both"), "FISHER_PARAMS": ("all", "last")}
 FISHER_KEYS = frozenset({"SEED", "VAL_FRACTION", "TRAIN_LIMIT", "FISHER_SAMPLES", "FISHER_PARAMS", "PRECISION"})
 
@@ -200,18 +206,23 @@ def train_transfer(pair, cfg, device):
     net = TransferNet().to(device)
     optimizer = utils.adam(ordered_parameters(net), cfg.LR, device)
     generator = torch.Generator().manual_seed(cfg.TRANSFER_SEED)
+    losses = fit_transfer(net, optimizer, pair, cfg.TRANSFER_EPOCHS, generator, cfg, device)
+    return net, optimizer, generator, losses
+
+
+def fit_transfer(net, optimizer, pair, epochs, generator, cfg, device):
+    """`epochs` MSE epochs from x to y, the lr under LR_SCHEDULE from the optimizer's (cosine: to 0 at the
+    end); the mean loss of every epoch."""
     step = utils.train_step
     if cfg.LR_SCHEDULE == "cosine":
-        steps = cfg.TRANSFER_EPOCHS * math.ceil(len(pair.x) / cfg.BATCH_SIZE)
+        steps = epochs * math.ceil(len(pair.x) / cfg.BATCH_SIZE)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
         def step(*args):
             loss = utils.train_step(*args)
             scheduler.step()
             return loss
-    losses = [utils.train_epoch(net, optimizer, pair.x, pair.y, cfg.BATCH_SIZE, generator, device,
-                                loss_fn=F.mse_loss, step=step, precision=cfg.PRECISION)
-              for _ in range(cfg.TRANSFER_EPOCHS)]
-    return net, optimizer, generator, losses
+    return [utils.train_epoch(net, optimizer, pair.x, pair.y, cfg.BATCH_SIZE, generator, device,
+                              loss_fn=F.mse_loss, step=step, precision=cfg.PRECISION) for _ in range(epochs)]
 
 
 @torch.inference_mode()
@@ -333,9 +344,8 @@ class Sweep:
         base = self.dense if self.cfg.SCHEDULE == "oneshot" else self.nets[start]
         net, optimizer = clone(*base, self.cfg, self.device)
         prune_to(net, sparsity)
-        for _ in range(self.cfg.FINETUNE_EPOCHS):
-            utils.train_epoch(net, optimizer, self.pair.x, self.pair.y, self.cfg.BATCH_SIZE, self.generator,
-                              self.device, loss_fn=F.mse_loss, precision=self.cfg.PRECISION)
+        if self.cfg.FINETUNE_EPOCHS:
+            fit_transfer(net, optimizer, self.pair, self.cfg.FINETUNE_EPOCHS, self.generator, self.cfg, self.device)
         point = dict(sparsity=sparsity, kept=kept_percent(net), **evaluate(net, self.pair, self.cfg, self.device))
         self.curve.append(point)
         if self.bar is not None:
@@ -349,12 +359,12 @@ class Sweep:
     def run(self):
         """Find the first level that loses performance, then bisect between it and the last passing one.
 
-        Levels that cost no training (FINETUNE_EPOCHS = 0) are all measured: the whole curve. With
-        fine-tuning, one-shot levels are searched by bisection over PRUNE_LEVELS (performance is taken
-        to fall with sparsity) and iterative ones in order. Returns the passing net's state."""
+        Levels that cost no training (FINETUNE_EPOCHS = 0) are all measured: the whole curve, as with
+        SEARCH = "all". Otherwise one-shot levels are searched by bisection over PRUNE_LEVELS (performance
+        is taken to fall with sparsity) and iterative ones in order. Returns the passing net's state."""
         cfg, levels = self.cfg, list(self.cfg.PRUNE_LEVELS)
         self.passing, self.failing, self.state = 0.0, None, effective_state(self.dense[0])
-        if cfg.FINETUNE_EPOCHS == 0:
+        if cfg.FINETUNE_EPOCHS == 0 or cfg.SEARCH == "all":
             for sparsity in levels:
                 self.try_level(sparsity, record=self.failing is None)
         elif cfg.SCHEDULE == "oneshot":

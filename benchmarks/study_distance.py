@@ -38,6 +38,9 @@ NO_FINETUNING = dict(FINETUNE_EPOCHS=0, PRUNE_LEVELS=[round(0.05 * k, 2) for k i
 VARIANTS = {  # name: (what it is, what it changes against BASE)
     "default": ("one-shot from the trained net + 1 fine-tuning epoch per level", {}),
     "no-finetuning": ("one-shot, no fine-tuning: every level measured as pruned", NO_FINETUNING),
+    "curves": ("one-shot + 1 fine-tuning epoch at every level of a grid to 99.9 % pruned: the stopping rules read "
+               "off whole curves", dict(SEARCH="all", PRUNE_LEVELS=[0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995,
+                                                                     0.998, 0.999], REFINE=0)),
     "iterative": ("iterative (from the level before) + 1 fine-tuning epoch per level", dict(SCHEDULE="iterative")),
     "raw-constant": ("raw features, constant lr (the released training)", dict(FEATURES="raw", LR_SCHEDULE="constant")),
     "uint8": ("uint8 features (the released code's cast)", dict(FEATURES="uint8")),
