@@ -313,15 +313,14 @@ def effective_state(net):
             for name, m in net.named_children() if hasattr(m, "weight") for p in ("weight", "bias")}
 
 
-def crossing(curve, key, tolerance):
+def crossing(curve, key, line):
     """The sparsest level of the unbroken run of levels, from the dense net on, whose performance
-    stays within `tolerance` points of the unpruned transfer's; and the first level that falls out.
+    stays at `line` or above (the unpruned transfer's minus TOLERANCE); and the first level that falls below.
 
     curve: points with "sparsity" and the performance `key`, the unpruned net first (sparsity 0).
     Returns (the passing point, the failing point or None).
     """
     points = sorted(curve, key=lambda p: p["sparsity"])
-    line = points[0][key] - tolerance
     last = points[0]
     for point in points[1:]:
         if point[key] < line:
@@ -405,7 +404,7 @@ def measure_pair(source_feats, target_feats, head, labels, labels_val, cfg, devi
     net, optimizer, generator, losses = train_transfer(pair, cfg, device)
     sweep = Sweep(net, optimizer, generator, pair, cfg, device, bar)
     state = sweep.run()
-    passing, failing = crossing(sweep.curve, cfg.PERFORMANCE, cfg.TOLERANCE)
+    passing, failing = crossing(sweep.curve, cfg.PERFORMANCE, sweep.curve[0][cfg.PERFORMANCE] - cfg.TOLERANCE)
     return dict(measured_distance=passing["kept"], crossing_sparsity=passing["sparsity"],
                 first_failing_sparsity=None if failing is None else failing["sparsity"],
                 unpruned=sweep.curve[0], train_loss=losses[-1] if losses else None,

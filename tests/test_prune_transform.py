@@ -97,7 +97,7 @@ def curve(*performances, step=0.1):
 ])
 def test_crossing_is_the_last_level_before_the_first_fall(performances, passing, failing):
     points = curve(*performances)
-    last, first_fail = prune_transform.crossing(points[::-1], "balanced_accuracy", 1.0)  # any order
+    last, first_fail = prune_transform.crossing(points[::-1], "balanced_accuracy", 94.0)  # any order
     assert last["sparsity"] == passing
     assert (first_fail and first_fail["sparsity"]) == failing
 
@@ -118,7 +118,8 @@ def sweep(*args):
     torch.manual_seed(0)
     net = TransferNet()
     optimizer = utils.adam(prune_transform.ordered_parameters(net), 1e-3, torch.device("cpu"))
-    result = prune_transform.Sweep(net, optimizer, None, prune_transform.Pair(*[None] * 8), cfg, torch.device("cpu"))
+    pair = prune_transform.Pair(torch.zeros(10, 1), *[None] * 7)  # only its length is read: training is patched out
+    result = prune_transform.Sweep(net, optimizer, None, pair, cfg, torch.device("cpu"))
     result.run()
     return result, cfg
 
@@ -128,7 +129,7 @@ def test_without_fine_tuning_every_level_is_measured_then_the_crossing_bisected(
     result, cfg = sweep("--FINETUNE_EPOCHS=0", "--REFINE=0.01")
     visited = [round(p["sparsity"], 6) for p in result.curve]
     assert {0.0, 0.2, 0.4, 0.6, 0.8} <= set(visited) and visited == sorted(visited)
-    last, first_fail = prune_transform.crossing(result.curve, "balanced_accuracy", cfg.TOLERANCE)
+    last, first_fail = prune_transform.crossing(result.curve, "balanced_accuracy", 95.0 - cfg.TOLERANCE)
     assert last["sparsity"] <= 0.63 < first_fail["sparsity"]
     assert (1 - last["sparsity"]) / (1 - first_fail["sparsity"]) <= 1.01  # kept shares within 1 %
     assert result.passing == last["sparsity"] and result.failing == first_fail["sparsity"]
@@ -230,6 +231,36 @@ def test_matrix_files_and_the_diagonal(full_run):
         assert prune_transform.kept_percent(net) == pytest.approx(r["measured_distance"])
 
 
+def test_search_all_fine_tunes_and_measures_every_level_then_bisects_the_crossing(monkeypatch):
+    step_performance(monkeypatch, edge=0.63)
+    result, _ = sweep("--SEARCH=all", "--FINETUNE_EPOCHS=1", "--REFINE=0.01")
+    visited = [round(p["sparsity"], 6) for p in result.curve]
+    assert {0.0, 0.2, 0.4, 0.6, 0.8} <= set(visited) and result.passing <= 0.63 < result.failing
+    assert (1 - result.passing) / (1 - result.failing) <= 1.01
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_fine_tuning_restarts_the_lr_under_the_schedule(monkeypatch, schedule):
+    """After a prune the lr starts again at LR; under cosine it decays to 0 by the end of the fine-tuning."""
+    lrs = []
+    monkeypatch.setattr(utils, "train_step", lambda model, optimizer, *a: lrs.append(optimizer.param_groups[0]["lr"]) or 0.0)
+    monkeypatch.setattr(prune_transform, "evaluate", lambda *a: dict(balanced_accuracy=95.0, accuracy=0, auroc=0, mse=0))
+    cfg = utils.configure(vars(prune_transform), [f"--LR_SCHEDULE={schedule}", "--FINETUNE_EPOCHS=2", "--BATCH_SIZE=100"])
+    torch.manual_seed(0)
+    net = TransferNet()
+    optimizer = utils.adam(prune_transform.ordered_parameters(net), cfg.LR, torch.device("cpu"))
+    optimizer.param_groups[0]["lr"] = 0.0  # where a cosine training ends
+    x = torch.randn(300, net.weight_layers()[0].in_features)
+    pair = prune_transform.Pair(x, x, x, x, None, None, None, None)
+    sweep_ = prune_transform.Sweep(net, optimizer, torch.Generator().manual_seed(0), pair, cfg, torch.device("cpu"))
+    _, tuned, _ = sweep_.level(0.5, 0.0)
+    assert len(lrs) == 6 and lrs[0] == cfg.LR
+    if schedule == "cosine":
+        assert lrs == sorted(lrs, reverse=True) and tuned.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    else:
+        assert set(lrs) == {cfg.LR}
+
+
 def test_distance_is_the_crossing_of_the_recorded_curve(full_run):
     _, results = full_run
     for r in results:
@@ -237,7 +268,7 @@ def test_distance_is_the_crossing_of_the_recorded_curve(full_run):
         assert sparsity == sorted(sparsity) and sparsity[0] == 0.0 and 2 <= len(sparsity) <= 4  # smoke: 3 levels
         kept = [p["kept"] for p in r["curve"]]
         assert kept == sorted(kept, reverse=True)
-        passing, _ = prune_transform.crossing(r["curve"], "balanced_accuracy", 1.0)
+        passing, _ = prune_transform.crossing(r["curve"], "balanced_accuracy", r["unpruned"]["balanced_accuracy"] - 1.0)
         assert r["measured_distance"] == passing["kept"]
         assert r["feasible"] == (r["unpruned"]["balanced_accuracy"] >= r["feasibility_level"])
         assert r["distance"] == (0.0 if r["source"] == r["target"] else r["measured_distance"] if r["feasible"]
