@@ -138,18 +138,22 @@ def load_network(name, data, cfg, device):
 
 
 class FeatureCache:
-    """Encoder features of every network on one dataset's images, each extracted once.
+    """Encoder features of networks on one dataset's images: those of the `keep` networks (the targets') for
+    as long as the dataset is in use, of any other only until another is asked for. Pairs that take their
+    sources one at a time thus extract each network once per dataset, and hold one source's features.
 
     Features are float32 exactly as the encoder gives them, for the same images in the same order.
     """
 
-    def __init__(self, batch, precision="fp32"):
-        self.batch, self.precision, self.dataset, self.store = batch, precision, None, {}
+    def __init__(self, batch, precision="fp32", keep=()):
+        self.batch, self.precision, self.keep, self.dataset, self.store = batch, precision, set(keep), None, {}
 
     def get(self, network, encoder, data):
         if data.task.dataset != self.dataset:  # a new dataset: the old features are not needed again
             self.dataset, self.store = data.task.dataset, {}
         if network not in self.store:
+            if network not in self.keep:  # a new source: the one before it is done
+                self.store = {n: f for n, f in self.store.items() if n in self.keep}
             self.store[network] = tuple(utils.predict(encoder, split.x, self.batch, self.precision)
                                         for split in (data.train, data.val))
         return self.store[network]
@@ -539,7 +543,8 @@ def fisher_pairs(networks, data, cfg, out, device, log):
         return result
 
     config = {k: getattr(cfg, k) for k in sorted(FISHER_KEYS)}
-    return each_pair(out / "fisher", config, list(cfg.TARGETS), cfg, log, measure, "Fisher pairs")
+    pairs = [(s, t) for t in cfg.TARGETS for s in cfg.SOURCES]  # target by target: its own F once
+    return each_pair(out / "fisher", config, pairs, cfg, log, measure, "Fisher pairs")
 
 
 def agreement(transfer, fisher, k):
@@ -649,19 +654,16 @@ def pair_config(config, source, target, cfg):
     return dict(config, source=source, target=target, source_net=s_net, target_net=t_net, target_data=t_data)
 
 
-def each_pair(folder, config, targets, cfg, log, measure, desc):
-    """Every (source, target) pair's result: read back from folder/<source>__<target>.json when it was saved
+def each_pair(folder, config, pairs, cfg, log, measure, desc):
+    """Every (source, target) of `pairs`' result, in that order: read back from folder/<source>__<target>.json when it was saved
     with these settings and networks, else measure(source, target, its config), which saves it. Then the pairs
     of SOURCES that earlier runs saved there for other targets, still valid: they stay in the matrix and in
     the closest lists."""
     results = []
-    with tqdm(total=len(cfg.SOURCES) * len(targets), desc=desc, unit="pair") as overall:
-        for target in targets:
-            for source in cfg.SOURCES:
-                here = pair_config(config, source, target, cfg)
-                saved = utils.load_current(folder / f"{pair_name(source, target)}.json", here, log)
-                results.append(measure(source, target, here) if saved is None else saved)
-                overall.update()
+    for source, target in tqdm(pairs, desc=desc, unit="pair"):
+        here = pair_config(config, source, target, cfg)
+        saved = utils.load_current(folder / f"{pair_name(source, target)}.json", here, log)
+        results.append(measure(source, target, here) if saved is None else saved)
     done = {(r["source"], r["target"]) for r in results}
     for path in sorted(folder.glob("*.json")):
         source, _, target = path.stem.partition("__")
@@ -742,10 +744,12 @@ def transfer_pairs(networks, checkpoints, data, cfg, out, device, log):
         log.info("feasibility: an unpruned transfer must reach %.2f %% %s (%s, eps of the dictionary's base networks)",
                  level, cfg.PERFORMANCE.replace("_", " "), cfg.FEASIBILITY)
     config = {k: getattr(cfg, k) for k in sorted(PAIR_KEYS)}
-    cache = FeatureCache(cfg.EVAL_BATCH, cfg.PRECISION)
-    targets = sorted(cfg.TARGETS, key=lambda t: data[t].task.dataset)  # one dataset's features at a time
+    cache = FeatureCache(cfg.EVAL_BATCH, cfg.PRECISION, keep=cfg.TARGETS)
+    datasets = sorted({data[t].task.dataset for t in cfg.TARGETS})  # one dataset's features at a time, in which
+    pairs = [(s, t) for d in datasets for s in cfg.SOURCES for t in cfg.TARGETS if data[t].task.dataset == d]
+    # one source at a time: its features are extracted once and dropped after its last target
     measure = lambda source, target, here: run_pair(source, target, networks, data, cache, here, cfg, device, out, log)
-    return [decide(r, level, cfg.PERFORMANCE) for r in each_pair(out / "pairs", config, targets, cfg, log, measure, "pairs")]
+    return [decide(r, level, cfg.PERFORMANCE) for r in each_pair(out / "pairs", config, pairs, cfg, log, measure, "pairs")]
 
 
 def write_fisher_outputs(fisher, transfer, cfg, out, log):

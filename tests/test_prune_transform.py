@@ -296,6 +296,29 @@ def test_features_are_the_encoders_float_output_on_the_same_images(setup):
     assert len(train) == len(task.train.x) and len(val) == len(task.val.x)
 
 
+def test_feature_cache_keeps_the_targets_and_one_source():
+    """Sources taken one at a time: each network's features are extracted once, and one source's are held."""
+    calls = []
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name, self.scale = name, torch.nn.Parameter(torch.ones(()))  # predict() reads the device off it
+
+        def forward(self, x):
+            calls.append(self.name)
+            return x.flatten(1)
+
+    split = utils.Split(torch.rand(6, 1, 2, 2), torch.zeros(6, dtype=torch.long))
+    data = utils.TaskData("t", utils.get_task("mnist0"), split, split, split, "", "")
+    cache = prune_transform.FeatureCache(64, keep={"t"})
+    for source in ("a", "a", "b"):
+        for network in (source, "t"):
+            cache.get(network, Encoder(network), data)
+    assert calls == ["a", "a", "t", "t", "b", "b"]  # train and validation of each, once
+    assert set(cache.store) == {"t", "b"}
+
+
 def test_resume_after_a_kill_gives_the_same_matrix(setup, full_run, tmp_path, monkeypatch, run):
     data, ckpt = setup
     shutil.copytree(ckpt / "tasks", tmp_path / "tasks")
