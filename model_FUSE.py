@@ -93,6 +93,8 @@ REDUCED_EPOCHS = 1
 REDUCED_LIMIT = 250
 ROWS = list(PAPER_ROWS)   # comparison rows to run, from PAPER_ROWS
 EVAL_BATCH = 1000         # images per forward pass when evaluating (speed only)
+PRECISION = "fp32"        # fp32 | bf16: forward passes under torch.autocast (weights, α, optimizer state and metrics
+                          # stay fp32); must be step 2's
 THREADS = 1               # CPU threads of the searched networks (0 = torch's default); 1 spares small networks
                           # OpenMP's waits on a busy machine; the torchvision rows use every core (speed only,
                           # though the last bits of results may depend on it)
@@ -112,8 +114,9 @@ PRESETS = {
 # reused when these match (TARGET, ROWS and the final budget do not change a search)
 SEARCH_KEYS = frozenset({"SEED", "VAL_FRACTION", "TRAIN_LIMIT", "EVAL_LIMIT", "SEARCH_LIMIT", "NODES",
                          "C", "N", "CANDIDATES", "W_EPOCHS", "ALPHA_EPOCHS", "ALPHA_MARGIN",
-                         "MAX_ALTERNATIONS", "W_OPTIMIZER", "W_LR", "ALPHA_OPTIMIZER", "ALPHA_LR", "BATCH_SIZE"})
-FINAL_KEYS = frozenset({"SEED", "VAL_FRACTION", "TRAIN_LIMIT", "EVAL_LIMIT", "BATCH_SIZE", "FINAL_LR"})
+                         "MAX_ALTERNATIONS", "W_OPTIMIZER", "W_LR", "ALPHA_OPTIMIZER", "ALPHA_LR", "BATCH_SIZE",
+                         "PRECISION"})
+FINAL_KEYS = frozenset({"SEED", "VAL_FRACTION", "TRAIN_LIMIT", "EVAL_LIMIT", "BATCH_SIZE", "FINAL_LR", "PRECISION"})
 OPTIMIZERS = frozenset({"adam", "sgd"})
 AT_LEAST_ONE = frozenset({"K", "C", "N", "CANDIDATES", "ROUNDS", "BASE_ROUNDS", "W_EPOCHS", "ALPHA_EPOCHS",
                           "MAX_ALTERNATIONS", "BATCH_SIZE", "FINAL_EPOCHS", "REDUCED_EPOCHS", "EVAL_BATCH"})
@@ -136,6 +139,8 @@ def check_config(cfg):
     for name in sorted(AT_LEAST_ONE):
         if getattr(cfg, name) < 1:
             raise utils.UserError(f"{name}={getattr(cfg, name)} must be at least 1")
+    if cfg.PRECISION not in utils.PRECISIONS:
+        raise utils.UserError(f"PRECISION={cfg.PRECISION!r}: use one of {', '.join(utils.PRECISIONS)}")
     if cfg.NODES < 2:
         raise utils.UserError(f"NODES={cfg.NODES}: a cell needs at least 2 nodes")
     if not cfg.FINAL_SEEDS:
@@ -208,15 +213,19 @@ def mixture_step(mix, optimizer, xb, yb, loss_fn, precision="fp32"):
     graph and backward from that gradient. The same gradients, for a forward pass more per candidate
     but one.
     """
+    def forward(net):  # in `precision`; the logits, α and the loss in fp32
+        with utils.autocast(precision, xb.device):
+            return net(xb).float()
+
     *others, last = mix.candidates
     with torch.no_grad():
-        detached = [net(xb).requires_grad_() for net in others]
-    loss = loss_fn(mix.combine(torch.stack([*detached, last(xb)])), yb)
+        detached = [forward(net).requires_grad_() for net in others]
+    loss = loss_fn(mix.combine(torch.stack([*detached, forward(last)])), yb)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     with running_stats_frozen(mix):
         for net, logits in zip(others, detached):
-            net(xb).backward(logits.grad)
+            forward(net).backward(logits.grad)
     optimizer.step()
     return loss.detach()
 
@@ -227,13 +236,14 @@ def train_weights(mix, train, cfg, device, generator, bar=None):
     optimizer = make_optimizer(cfg.W_OPTIMIZER, mix.candidate_parameters(), cfg.W_LR, device)
     for _ in range(cfg.W_EPOCHS):
         utils.train_epoch(mix, optimizer, train.x, train.y, cfg.BATCH_SIZE, generator, device, progress=bar,
-                          step=mixture_step)
+                          step=mixture_step, precision=cfg.PRECISION)
     mix.alpha.requires_grad_(True)
 
 
 def candidate_logits(mix, x, cfg):
     """(candidates, images, classes) logits of the candidates in evaluation mode, on the mixture's device."""
-    return torch.stack([utils.predict(net, x, cfg.EVAL_BATCH) for net in mix.candidates]).to(mix.alpha.device)
+    return torch.stack([utils.predict(net, x, cfg.EVAL_BATCH, cfg.PRECISION)
+                        for net in mix.candidates]).to(mix.alpha.device)
 
 
 def train_alpha(mix, val, cfg, device, generator):
@@ -401,7 +411,7 @@ def closest_tasks(cfg, data, log):
                               f"{', '.join(closest) or 'no target'}); measure them with: "
                               f"{prune_command(cfg, list(closest))}")
     made = payload.get("config", {})
-    for name in ("SEED", "VAL_FRACTION"):
+    for name in ("SEED", "VAL_FRACTION", "PRECISION"):
         if made.get(name) != getattr(cfg, name):
             raise utils.UserError(f"{path} was made with {name}={made.get(name)!r}, this run has "
                                   f"{name}={getattr(cfg, name)!r}; remake it with: {prune_command(cfg, list(closest))} "
@@ -475,8 +485,9 @@ def random_trial(genotype, epochs, seed, train, val, num_classes, cfg, device):
     optimizer = make_optimizer(cfg.W_OPTIMIZER, net.parameters(), cfg.W_LR, device)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
-        utils.train_epoch(net, optimizer, train.x, train.y, cfg.BATCH_SIZE, generator, device)
-    accuracy = float((utils.predict(net, val.x, cfg.EVAL_BATCH).argmax(1) == val.y).float().mean() * 100)
+        utils.train_epoch(net, optimizer, train.x, train.y, cfg.BATCH_SIZE, generator, device, precision=cfg.PRECISION)
+    logits = utils.predict(net, val.x, cfg.EVAL_BATCH, cfg.PRECISION)
+    accuracy = float((logits.argmax(1) == val.y).float().mean() * 100)
     return dict(genotype=genotype.to_json(), epochs=epochs, val_accuracy=accuracy,
                 seconds=time.perf_counter() - start, device=device_label(device))
 
@@ -516,10 +527,10 @@ def retrain(build, data, epochs, images, cfg, device, seed, label):
     test metrics and the indices of the test images it gets wrong (the test split is read once, here)."""
     torch.manual_seed(seed)
     model = build().to(device)
-    utils.fit(model, limit(data.train, images), epochs, cfg.BATCH_SIZE, cfg.FINAL_LR, seed, device, label)
-    metrics = utils.evaluate(model, data, cfg.EVAL_BATCH, splits=("val",))
+    utils.fit(model, limit(data.train, images), epochs, cfg.BATCH_SIZE, cfg.FINAL_LR, seed, device, label, cfg.PRECISION)
+    metrics = utils.evaluate(model, data, cfg.EVAL_BATCH, splits=("val",), precision=cfg.PRECISION)
     test = data.test
-    logits, labels = utils.predict(model, test.x, cfg.EVAL_BATCH), test.y
+    logits, labels = utils.predict(model, test.x, cfg.EVAL_BATCH, cfg.PRECISION), test.y
     metrics.update({f"test_{k}": v for k, v in utils.classification_metrics(logits, labels).items()})
     wrong = torch.nonzero(logits.argmax(1) != labels).flatten().tolist()
     return model, metrics, dict(test_images=len(labels), test_wrong=wrong)

@@ -99,6 +99,21 @@ def test_mixture_step_matches_one_backward_through_the_mixture():
     assert all(m.track_running_stats for m in mixtures[1].modules() if isinstance(m, torch.nn.BatchNorm2d))
 
 
+def test_mixture_step_in_bf16_trains_in_fp32_close_to_fp32():
+    """Under PRECISION=bf16 the forward passes run in bf16; weights, gradients and the loss stay fp32."""
+    genotype = Genotype(("sep_conv_3x3", "skip_connect", "conv_7x1_1x7"), 3, 4, 1)
+    train = brightness_splits(16)[0]
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        mix = FuseMixture([build_network(genotype, 2), build_network(genotype, 2)]).train()
+        optimizer = torch.optim.SGD(mix.candidate_parameters(), lr=0.1)
+        loss = model_FUSE.mixture_step(mix, optimizer, train.x, train.y, torch.nn.functional.cross_entropy, precision)
+        assert loss.dtype == torch.float32 and all(p.dtype == torch.float32 for p in mix.parameters())
+        losses[precision] = float(loss)
+    assert losses["bf16"] == pytest.approx(losses["fp32"], rel=0.02)
+
+
 # ----------------------------------------------------------------------------- resume and determinism
 def search_in(folder, cfg, rounds=3, task="synthetic"):
     train, val = brightness_splits(64, 32)
@@ -178,7 +193,7 @@ def data_dir(tmp_path_factory, make_kaggle):
 def write_closest(ckpt_dir, closest, data_dir, name="closest.json", **changes):
     """A closest list as step 2 writes it for this data (its seed, split and the targets' fingerprints)."""
     cfg = config(f"--DATA_DIR={data_dir}", "--TRAIN_LIMIT=64")
-    payload = {"config": {"SEED": cfg.SEED, "VAL_FRACTION": cfg.VAL_FRACTION}, "k": 2, "closest": closest,
+    payload = {"config": {"SEED": cfg.SEED, "VAL_FRACTION": cfg.VAL_FRACTION, "PRECISION": cfg.PRECISION}, "k": 2, "closest": closest,
                "data": {t: utils.load_task(t, cfg).fingerprint for t in closest if t in utils.TASK_REGISTRY}}
     payload.update(changes)
     path = Path(ckpt_dir) / "distances" / name
@@ -209,7 +224,8 @@ def test_missing_distances_name_the_step_2_command(data_dir, tmp_path, run):
 
 @pytest.mark.parametrize("changes, shown", [
     ({"config": {}}, "made with SEED=None, this run has SEED=0"),
-    ({"config": {"SEED": 0, "VAL_FRACTION": 0.2}}, "made with VAL_FRACTION=0.2"),
+    ({"config": {"SEED": 0, "VAL_FRACTION": 0.2, "PRECISION": "fp32"}}, "made with VAL_FRACTION=0.2"),
+    ({"config": {"SEED": 0, "VAL_FRACTION": 0.1, "PRECISION": "bf16"}}, "made with PRECISION='bf16'"),
     ({"data": {"sandal": "0123456789abcdef"}}, "measured 'sandal' on other data"),
 ])
 def test_distances_from_other_settings_or_data_are_refused(data_dir, tmp_path, run, changes, shown):
