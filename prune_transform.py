@@ -148,12 +148,15 @@ class FeatureCache:
     def __init__(self, batch, precision="fp32", keep=()):
         self.batch, self.precision, self.keep, self.dataset, self.store = batch, precision, set(keep), None, {}
 
-    def get(self, network, encoder, data):
+    def get(self, network, data, load):
+        """The network's features of data's training and validation images; load() gives its encoder,
+        called only to extract them."""
         if data.task.dataset != self.dataset:  # a new dataset: the old features are not needed again
             self.dataset, self.store = data.task.dataset, {}
         if network not in self.store:
             if network not in self.keep:  # a new source: the one before it is done
                 self.store = {n: f for n, f in self.store.items() if n in self.keep}
+            encoder = load()
             self.store[network] = tuple(utils.predict(encoder, split.x, self.batch, self.precision)
                                         for split in (data.train, data.val))
         return self.store[network]
@@ -525,7 +528,7 @@ def task_fisher(network, data, cfg):
     return fisher_diagonal(model, x, y, names, precision=cfg.PRECISION)
 
 
-def fisher_pairs(networks, data, cfg, out, device, log):
+def fisher_pairs(network, data, cfg, out, device, log):
     """d_F(source -> target) for every source and target, each saved to fisher/<source>__<target>.json."""
     own = {}  # F of the target's own network: computed once per target, when a pair needs it
 
@@ -533,9 +536,9 @@ def fisher_pairs(networks, data, cfg, out, device, log):
         tick = time.perf_counter()
         if target not in own:
             own.clear()
-            own[target] = task_fisher(networks[target], data[target], cfg)
+            own[target] = task_fisher(network(target), data[target], cfg)
         distance = 0.0 if source == target else fisher_distance(
-            task_fisher(networks[source], data[target], cfg), own[target])
+            task_fisher(network(source), data[target], cfg), own[target])
         result = dict(source=source, target=target, config=config, distance=distance,
                       seconds=time.perf_counter() - tick, device=str(device))
         utils.write_json(out / "fisher" / f"{pair_name(source, target)}.json", result)
@@ -563,14 +566,14 @@ def agreement(transfer, fisher, k):
 
 
 # ----------------------------------------------------------------------------- the matrix
-def feasibility_level(checkpoints, cfg):
+def feasibility_level(metrics, cfg):
     """The level an unpruned transfer must reach, in performance points: 1 - k eps with k = 2 ("2eps") or 1
     ("eps"), eps the dictionary's (every base network is eps-representative: its validation performance is
     at least 1 - eps); None when FEASIBILITY is 'none'."""
     if cfg.FEASIBILITY == "none":
         return None
     key = "val_error" if cfg.PERFORMANCE == "accuracy" else "val_balanced_error"
-    eps = max(checkpoints[s]["metrics"][key] for s in cfg.SOURCES)
+    eps = max(metrics[s][key] for s in cfg.SOURCES)
     return 100 - (2 if cfg.FEASIBILITY == "2eps" else 1) * eps
 
 
@@ -720,26 +723,25 @@ def main(argv=None):
     start = time.perf_counter()
     # check every network before any work, so a missing one fails at once and writes nothing
     data = {name: utils.load_task(name, cfg, log) for name in dict.fromkeys(cfg.SOURCES + cfg.TARGETS)}
-    networks, checkpoints = {}, {}
-    for name in data:
-        networks[name], checkpoints[name] = load_network(name, data[name], cfg, device)
+    metrics = {name: load_network(name, data[name], cfg, device)[1]["metrics"] for name in data}
+    network = lambda name: load_network(name, data[name], cfg, device)[0]  # loaded when needed: 103 MB each
     results = []
     if cfg.DISTANCE != "fisher":
         with utils.stage(log, "transfer distances"):
-            results = transfer_pairs(networks, checkpoints, data, cfg, out, device, log)
+            results = transfer_pairs(network, metrics, data, cfg, out, device, log)
         write_outputs(results, cfg, out, log)
     if cfg.DISTANCE != "transfer":
         with utils.stage(log, "Fisher distances"):
-            fisher = fisher_pairs(networks, data, cfg, out, device, log)
+            fisher = fisher_pairs(network, data, cfg, out, device, log)
         write_fisher_outputs(fisher, results, cfg, out, log)
     log.info("total wall-clock %.1f s", time.perf_counter() - start)
     return results
 
 
-def transfer_pairs(networks, checkpoints, data, cfg, out, device, log):
+def transfer_pairs(network, metrics, data, cfg, out, device, log):
     """Every (source, target) pair's transfer distance: measured now, or read back when it was measured with
     these settings and networks; with the pairs earlier runs measured for other targets."""
-    level = feasibility_level(checkpoints, cfg)
+    level = feasibility_level(metrics, cfg)
     if level is not None:
         log.info("feasibility: an unpruned transfer must reach %.2f %% %s (%s, eps of the dictionary's base networks)",
                  level, cfg.PERFORMANCE.replace("_", " "), cfg.FEASIBILITY)
@@ -748,7 +750,7 @@ def transfer_pairs(networks, checkpoints, data, cfg, out, device, log):
     datasets = sorted({data[t].task.dataset for t in cfg.TARGETS})  # one dataset's features at a time, in which
     pairs = [(s, t) for d in datasets for s in cfg.SOURCES for t in cfg.TARGETS if data[t].task.dataset == d]
     # one source at a time: its features are extracted once and dropped after its last target
-    measure = lambda source, target, here: run_pair(source, target, networks, data, cache, here, cfg, device, out, log)
+    measure = lambda source, target, here: run_pair(source, target, network, data, cache, here, cfg, device, out, log)
     return [decide(r, level, cfg.PERFORMANCE) for r in each_pair(out / "pairs", config, pairs, cfg, log, measure, "pairs")]
 
 
@@ -773,13 +775,13 @@ def write_fisher_outputs(fisher, transfer, cfg, out, log):
                  table.to_string(index=False, float_format="{:.3f}".format))
 
 
-def run_pair(source, target, networks, data, cache, config, cfg, device, out, log):
+def run_pair(source, target, network, data, cache, config, cfg, device, out, log):
     """Measure one pair and save it (its JSON, then the pruned transfer net)."""
     tick = time.perf_counter()
-    feats = [cache.get(n, networks[n].encoder, data[target]) for n in (source, target)]
+    feats = [cache.get(n, data[target], lambda n=n: network(n).encoder) for n in (source, target)]
     extract = time.perf_counter() - tick
     with tqdm(desc=f"{source} → {target}", unit="level", leave=False) as bar:
-        result, state = measure_pair(*feats, networks[target].head, data[target].train.y, data[target].val.y,
+        result, state = measure_pair(*feats, network(target).head, data[target].train.y, data[target].val.y,
                                      cfg, device, bar)
     result = dict(source=source, target=target, config=config, **result, seconds=time.perf_counter() - tick,
                   extract_seconds=extract, device=str(device))

@@ -72,7 +72,7 @@ def levels(cfg):
 # ----------------------------------------------------------------------------- ours
 def ours_extract(data, networks, cfg):
     cache = prune_transform.FeatureCache(cfg.EVAL_BATCH)  # new each run: a warm cache would do nothing
-    return [cache.get(name, net.encoder, data) for name, net in networks.items()]
+    return [cache.get(name, data, lambda: net.encoder) for name, net in networks.items()]
 
 
 def make_pair(data, networks, feats, cfg, device):

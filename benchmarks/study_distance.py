@@ -157,7 +157,7 @@ def levels(args, sources, performance, feasibility, cache={}):
         else:
             cfg = utils.configure(vars(prune_transform), [f"--PERFORMANCE={performance}", f"--FEASIBILITY={feasibility}",
                                                           f"--SOURCES={list(sources)}"])
-            level = prune_transform.feasibility_level({s: {"metrics": m} for s, m in metrics.items()}, cfg)
+            level = prune_transform.feasibility_level(metrics, cfg)
         cache[performance, feasibility] = level
     return cache[performance, feasibility]
 

@@ -175,8 +175,7 @@ def test_without_feasibility_every_pair_has_its_distance():
 
 
 def test_feasibility_level_comes_from_the_worst_base_network():
-    checkpoints = {name: {"metrics": {"val_balanced_error": e, "val_error": e / 2}}
-                   for name, e in (("a", 1.0), ("b", 13.0), ("c", 4.0))}
+    checkpoints = {name: {"val_balanced_error": e, "val_error": e / 2} for name, e in (("a", 1.0), ("b", 13.0), ("c", 4.0))}
     cfg = utils.configure(vars(prune_transform), ["--SOURCES=['a', 'b', 'c']"])
     assert cfg.FEASIBILITY == "2eps" and prune_transform.feasibility_level(checkpoints, cfg) == 74.0
     cfg = utils.configure(vars(prune_transform), ["--SOURCES=['a', 'b', 'c']", "--FEASIBILITY=eps"])
@@ -287,7 +286,7 @@ def test_features_are_the_encoders_float_output_on_the_same_images(setup):
     device = torch.device("cpu")
     task = utils.load_task("mnist1", cfg)
     net, _ = prune_transform.load_network("mnist0", utils.load_task("mnist0", cfg), cfg, device)
-    train, val = prune_transform.FeatureCache(64).get("mnist0", net.encoder, task)
+    train, val = prune_transform.FeatureCache(64).get("mnist0", task, lambda: net.encoder)
     with torch.inference_mode():
         expected = net.encoder(task.train.x)
     assert train.dtype == torch.float32
@@ -314,7 +313,7 @@ def test_feature_cache_keeps_the_targets_and_one_source():
     cache = prune_transform.FeatureCache(64, keep={"t"})
     for source in ("a", "a", "b"):
         for network in (source, "t"):
-            cache.get(network, Encoder(network), data)
+            cache.get(network, data, lambda: Encoder(network))
     assert calls == ["a", "a", "t", "t", "b", "b"]  # train and validation of each, once
     assert set(cache.store) == {"t", "b"}
 
