@@ -13,7 +13,8 @@ curves, against:
   valid   copy targets (<task>_copy: the same labels, a network from another seed) whose original comes
           out closest (at least 3);
   stable  Spearman correlation of the entries between the first two transfer seeds (at least 0.8);
-and writes <out>/distance_study.csv and distance_study.md.
+and writes <out>/distance_study.csv and distance_study.md, and every entry under every rule to
+distance_study_pairs.csv (distance empty: infeasible).
 The second form compares a full distance matrix with the paper's (results/paper_distance_matrix.csv):
 block means and Spearman correlations, overall and per target column, into <out>/distance_vs_paper.csv.
 """
@@ -169,11 +170,11 @@ def study(args):
     for variant in filter(None, args.variants.split(",")):
         for seed in (int(s) for s in args.seeds.split(",")):
             run_variant(args, variant, seed, targets)
-    rows = []
+    rows, entries_rows = [], []
     for variant, (what, changes) in VARIANTS.items():
-        pairs = [read_pairs(f.parents[1], targets)
-                 for f in sorted((Path(args.work) / variant).glob("seed*/distances/pairs"))]
-        pairs = [p for p in pairs if p]
+        folders = [f.parents[1] for f in sorted((Path(args.work) / variant).glob("seed*/distances/pairs"))]
+        folders = [f for f in folders if read_pairs(f, targets)]
+        pairs = [read_pairs(f, targets) for f in folders]
         if not pairs:
             continue
         settings = dict(BASE, **changes)
@@ -187,12 +188,17 @@ def study(args):
                 sources = sorted({p["source"] for p in pairs[0]})
                 level = levels(args, sources, "balanced_accuracy" if rule[0] == "probe" else rule[0], feasibility)
                 tables = [entries(p, *rule, level) for p in pairs]
+                entries_rows += [dict(variant=variant, seed=folder.name, source=s, target=t, performance=rule[0],
+                                      tolerance=rule[1], feasibility=feasibility, unpruned=e["unpruned"],
+                                      distance=e["distance"]) for folder, table in zip(folders, tables)
+                                 for (s, t), e in sorted(table.items())]
                 row = score(tables, [p["seconds"] for p in pairs[0]], variant, rule)
                 rows.append(dict(row, what=what, feasibility=feasibility, feasibility_level=level, **passes(row)))
                 print(rows[-1], flush=True)
     frame = pd.DataFrame(rows)
     out = Path(args.out)
     frame.to_csv(out / "distance_study.csv", index=False, float_format="%.4g")
+    pd.DataFrame(entries_rows).to_csv(out / "distance_study_pairs.csv", index=False, float_format="%.4g")
     (out / "distance_study.md").write_text(markdown(frame, targets))
     print(frame.to_string(index=False, float_format="{:.3g}".format))
     return frame

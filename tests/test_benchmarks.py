@@ -74,3 +74,17 @@ def test_child_peak_memory_is_that_child_s_own(tmp_path):
     small = [sys.executable, "-c", "pass"]
     assert common.run_child(big, tmp_path / "big.log")[1] > 300
     assert common.run_child(small, tmp_path / "small.log")[1] < 100
+
+
+def test_study_reads_relative_and_level_rules_off_a_whole_curve():
+    import study_distance
+    curve = [dict(sparsity=s, kept=k, balanced_accuracy=a) for s, k, a in
+             ((0.0, 100.0, 80.0), (0.5, 50.0, 79.5), (0.9, 10.0, 78.5), (0.99, 1.0, 74.0), (0.999, 0.1, 50.0))]
+    weak = [dict(p, balanced_accuracy=a) for p, a in zip(curve, (75.2, 74.9, 74.8, 74.2, 50.0))]
+    pairs = [dict(source="a", target="t", curve=curve, unpruned=curve[0]),
+             dict(source="b", target="t", curve=weak, unpruned=weak[0])]
+    rel = study_distance.entries(pairs, "balanced_accuracy", 1.0, 75.0)
+    assert rel["a", "t"]["distance"] == 50.0 and rel["b", "t"]["distance"] == 1.0  # the weak one prunes further
+    level = study_distance.entries(pairs, "balanced_accuracy", "level", 75.0)
+    assert level["a", "t"]["distance"] == 10.0 and level["b", "t"]["distance"] == 100.0  # it fails the level at once
+    assert study_distance.entries(pairs, "balanced_accuracy", 1.0, 76.0)["b", "t"]["distance"] is None  # infeasible
