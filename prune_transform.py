@@ -80,8 +80,8 @@ K = 3                     # closest base tasks reported per target
 PRECISION = "fp32"        # fp32 | bf16: forward passes under torch.autocast (weights, masks, metrics stay fp32)
 THREADS = 0               # CPU threads (0 = torch's default); two runs of one thread each train about 1.4 x
                           # faster together than one of two (speed only; the last bits of results may differ)
-EVAL_BATCH = 1024         # rows per forward pass when extracting features (speed only: 4096 was no faster and held
-                          # 1.1 GB more of activations)
+EVAL_BATCH = 1024         # rows per forward pass when extracting features (speed only: 4096 was no faster and raised
+                          # step 2's peak memory by 0.4 GB)
 
 # named sets of constants (--PRESET=name); precedence: the constants above < the preset < --NAME=value
 PRESETS = {
