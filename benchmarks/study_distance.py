@@ -96,17 +96,23 @@ def read_pairs(folder, targets):
     return [p for p in pairs if p and p["target"] in targets]
 
 
-def entries(pairs, performance, tolerance, level):
-    """Each off-diagonal pair's distance under a stopping rule: (source, target) -> kept % or None."""
+def entries(pairs, performance, tolerance, level, interpolate=False):
+    """Each off-diagonal pair's distance under a stopping rule: (source, target) -> kept % or None.
+    interpolate: read a crossing between two grid levels off the straight line between them in log(kept),
+    as the refinement (REFINE) would find it by measuring, instead of at the last passing level."""
     out = {}
     for p in pairs:
         if p["source"] == p["target"]:
             continue
         line = level if tolerance == "level" else p["unpruned"][performance] - tolerance
         passing, failing = prune_transform.crossing(p["curve"], performance, line)
+        kept = passing["kept"]
+        if interpolate and failing is not None:
+            share = (passing[performance] - line) / (passing[performance] - failing[performance])
+            kept = float(np.exp(np.log(kept) + share * (np.log(failing["kept"]) - np.log(kept))))
         feasible = level is None or p["unpruned"][performance] >= level
-        out[p["source"], p["target"]] = dict(distance=passing["kept"] if feasible else None,
-                                             at_end=failing is None or passing["sparsity"] == 0.0,
+        out[p["source"], p["target"]] = dict(distance=kept if feasible else None,
+                                             at_end=failing is None or (passing["sparsity"] == 0.0 and not interpolate),
                                              unpruned=p["unpruned"][performance])
     return out
 
@@ -187,7 +193,7 @@ def study(args):
                     continue  # the eps level: every coat_copy transfer is below it
                 sources = sorted({p["source"] for p in pairs[0]})
                 level = levels(args, sources, "balanced_accuracy" if rule[0] == "probe" else rule[0], feasibility)
-                tables = [entries(p, *rule, level) for p in pairs]
+                tables = [entries(p, *rule, level, interpolate=whole) for p in pairs]
                 entries_rows += [dict(variant=variant, seed=folder.name, source=s, target=t, performance=rule[0],
                                       tolerance=rule[1], feasibility=feasibility, unpruned=e["unpruned"],
                                       distance=e["distance"]) for folder, table in zip(folders, tables)
@@ -208,7 +214,8 @@ def markdown(frame, targets):
     columns = ["variant", "what", "seeds", "performance", "tolerance", "feasibility", "infeasible_pct", "at_grid_end_pct", "distinct",
                "median_distance", "copies_closest", "spearman_seeds", "graded", "valid", "stable", "seconds_per_pair"]
     lines = [f"Targets: {', '.join(targets)}; sources: the 10 dictionary tasks; seeds: the transfer seeds "
-             "found per variant (stability needs two).", "",
+             "found per variant (stability needs two). Variants that measure whole curves read each rule's crossing "
+             "off the straight line in log(kept) between the grid levels around it.", "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in frame[columns].itertuples(index=False):
         lines.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row) + " |")

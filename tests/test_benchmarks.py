@@ -88,3 +88,5 @@ def test_study_reads_relative_and_level_rules_off_a_whole_curve():
     level = study_distance.entries(pairs, "balanced_accuracy", "level", 75.0)
     assert level["a", "t"]["distance"] == 10.0 and level["b", "t"]["distance"] == 100.0  # it fails the level at once
     assert study_distance.entries(pairs, "balanced_accuracy", 1.0, 76.0)["b", "t"]["distance"] is None  # infeasible
+    between = study_distance.entries(pairs, "balanced_accuracy", 1.0, 75.0, interpolate=True)["a", "t"]
+    assert between["distance"] == pytest.approx(500 ** 0.5)  # 79 is halfway from 79.5 (50 % kept) to 78.5 (10 %)
