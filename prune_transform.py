@@ -57,7 +57,10 @@ PROBE_EPOCHS = 10         # training of that fresh probe (released code: 50)
 FEASIBILITY = "2eps"      # a pair is infeasible when its unpruned transfer performs below 1 - 2 eps ("2eps": the
                           # target network may lose eps and the transfer another eps) or 1 - eps ("eps"), eps the
                           # dictionary's: the largest validation error (in PERFORMANCE) of its base networks; "none"
-TOLERANCE = 1.0           # performance points a pruned transfer may lose against the unpruned one
+TOLERANCE = 1.0           # performance points a pruned transfer may lose against the unpruned one ...
+STOP = "relative"         # ... ("relative", the authors' README: pruning "without decreasing the performance"), or
+                          # "level": a pruned transfer must stay at the feasibility level (the definition's
+                          # L_B(N_t o N_A) >= 1 - eps, one bar for the whole dictionary; TOLERANCE unused)
 SCHEDULE = "oneshot"      # oneshot: every level pruned from the dense trained net; iterative: from the level before
 FINETUNE_EPOCHS = 1       # MSE epochs after pruning, at every level, continuing the training's Adam with its lr
                           # restarted at LR under LR_SCHEDULE (cosine: back to 0, so every level ends settled as the
@@ -94,9 +97,9 @@ PRESETS = {
 CPU_MINUTES_PER_PAIR = 4  # a full-data pair: 2,700 training steps and its pruning sweep at 2 threads (README)
 PAIR_KEYS = frozenset({"SEED", "VAL_FRACTION", "TRAIN_LIMIT", "EVAL_LIMIT", "FEATURES", "TRANSFER_EPOCHS",
                        "BATCH_SIZE", "LR", "LR_SCHEDULE", "TRANSFER_SEED", "PERFORMANCE", "PROBE_EPOCHS",
-                       "TOLERANCE", "SCHEDULE", "FINETUNE_EPOCHS", "SEARCH", "PRUNE_LEVELS", "REFINE", "PRECISION"})
+                       "TOLERANCE", "STOP", "SCHEDULE", "FINETUNE_EPOCHS", "SEARCH", "PRUNE_LEVELS", "REFINE", "PRECISION"})
 CHOICES = {"FEATURES": ("standardized", "raw", "uint8"), "LR_SCHEDULE": ("constant", "cosine"),
-           "PERFORMANCE": ("balanced_accuracy", "accuracy", "probe"), "FEASIBILITY": ("2eps", "eps", "none"),
+           "PERFORMANCE": ("balanced_accuracy", "accuracy", "probe"), "FEASIBILITY": ("2eps", "eps", "none"), "STOP": ("relative", "level"),
            "SCHEDULE": ("oneshot", "iterative"), "SEARCH": ("bisect", "all"), "PRECISION": utils.PRECISIONS,
            "DISTANCE": ("transfer", "fisher", "both"), "FISHER_PARAMS": ("all", "last")}
 FISHER_KEYS = frozenset({"SEED", "VAL_FRACTION", "TRAIN_LIMIT", "FISHER_SAMPLES", "FISHER_PARAMS", "PRECISION"})
@@ -106,6 +109,8 @@ def check_config(cfg):
     for name, valid in CHOICES.items():
         if getattr(cfg, name) not in valid:
             raise utils.UserError(f"{name}={getattr(cfg, name)!r}: use one of {', '.join(valid)}")
+    if cfg.STOP == "level" and cfg.FEASIBILITY == "none":
+        raise utils.UserError("STOP='level' stops at the feasibility level: set FEASIBILITY to '2eps' or 'eps'")
     levels = list(cfg.PRUNE_LEVELS)
     if not levels or levels != sorted(set(levels)) or not (0 < levels[0] and levels[-1] < 1):
         raise utils.UserError(f"PRUNE_LEVELS={levels}: give increasing shares of the weights between 0 and 1")
@@ -340,11 +345,13 @@ def crossing(curve, key, line):
 class Sweep:
     """The pruning levels of one trained transfer net: each level is pruned, fine-tuned and scored once."""
 
-    def __init__(self, net, optimizer, generator, pair, cfg, device, bar=None):
+    def __init__(self, net, optimizer, generator, pair, cfg, device, bar=None, level=None):
         self.dense = (net, optimizer if cfg.FINETUNE_EPOCHS else None)
         self.pair, self.cfg, self.device, self.generator, self.bar = pair, cfg, device, generator, bar
         self.nets = {0.0: self.dense}       # iterative: the fine-tuned net of every passing level
         self.curve = [dict(sparsity=0.0, kept=kept_percent(net), **evaluate(net, pair, cfg, device))]
+        # the performance a level must keep: STOP's line
+        self.line = level if cfg.STOP == "level" else self.curve[0][cfg.PERFORMANCE] - cfg.TOLERANCE
 
     def level(self, sparsity, start):
         """Prune to `sparsity` from the dense net (oneshot) or from level `start` (iterative), fine-tune, score."""
@@ -361,7 +368,7 @@ class Sweep:
         return net, optimizer, point
 
     def passes(self, point):
-        return point[self.cfg.PERFORMANCE] >= self.curve[0][self.cfg.PERFORMANCE] - self.cfg.TOLERANCE
+        return point[self.cfg.PERFORMANCE] >= self.line
 
     def run(self):
         """Find the first level that loses performance, then bisect between it and the last passing one.
@@ -401,18 +408,19 @@ class Sweep:
         return passed
 
 
-def measure_pair(source_feats, target_feats, head, labels, labels_val, cfg, device, bar=None):
+def measure_pair(source_feats, target_feats, head, labels, labels_val, cfg, device, bar=None, level=None):
     """Train a transfer net from the source's to the target's features, prune it, return the result.
 
     source_feats / target_feats: (train, val) encoder features of the same target images; labels /
-    labels_val: the target's labels of them; head: the target network's head. Returns the result
+    labels_val: the target's labels of them; head: the target network's head; level: the feasibility level
+    (STOP = "level" stops there). Returns the result
     and the state of the sparsest transfer net that kept performance.
     """
     pair = make_pair(source_feats, target_feats, head, labels, labels_val, cfg.FEATURES, device)
     net, optimizer, generator, losses = train_transfer(pair, cfg, device)
-    sweep = Sweep(net, optimizer, generator, pair, cfg, device, bar)
+    sweep = Sweep(net, optimizer, generator, pair, cfg, device, bar, level)
     state = sweep.run()
-    passing, failing = crossing(sweep.curve, cfg.PERFORMANCE, sweep.curve[0][cfg.PERFORMANCE] - cfg.TOLERANCE)
+    passing, failing = crossing(sweep.curve, cfg.PERFORMANCE, sweep.line)
     return dict(measured_distance=passing["kept"], crossing_sparsity=passing["sparsity"],
                 first_failing_sparsity=None if failing is None else failing["sparsity"],
                 unpruned=sweep.curve[0], train_loss=losses[-1] if losses else None,
@@ -747,11 +755,14 @@ def transfer_pairs(network, metrics, data, cfg, out, device, log):
         log.info("feasibility: an unpruned transfer must reach %.2f %% %s (%s, eps of the dictionary's base networks)",
                  level, cfg.PERFORMANCE.replace("_", " "), cfg.FEASIBILITY)
     config = {k: getattr(cfg, k) for k in sorted(PAIR_KEYS)}
+    if cfg.STOP == "level":
+        config["stop_level"] = round(level, 6)  # the dictionary's networks set it
     cache = FeatureCache(cfg.EVAL_BATCH, cfg.PRECISION, keep=cfg.TARGETS)
     datasets = sorted({data[t].task.dataset for t in cfg.TARGETS})  # one dataset's features at a time, in which
     pairs = [(s, t) for d in datasets for s in cfg.SOURCES for t in cfg.TARGETS if data[t].task.dataset == d]
     # one source at a time: its features are extracted once and dropped after its last target
-    measure = lambda source, target, here: run_pair(source, target, network, data, cache, here, cfg, device, out, log)
+    measure = lambda source, target, here: run_pair(source, target, network, data, cache, here, cfg, device, out, log,
+                                                    level)
     return [decide(r, level, cfg.PERFORMANCE) for r in each_pair(out / "pairs", config, pairs, cfg, log, measure, "pairs")]
 
 
@@ -776,14 +787,14 @@ def write_fisher_outputs(fisher, transfer, cfg, out, log):
                  table.to_string(index=False, float_format="{:.3f}".format))
 
 
-def run_pair(source, target, network, data, cache, config, cfg, device, out, log):
+def run_pair(source, target, network, data, cache, config, cfg, device, out, log, level):
     """Measure one pair and save it (its JSON, then the pruned transfer net)."""
     tick = time.perf_counter()
     feats = [cache.get(n, data[target], lambda n=n: network(n).encoder) for n in (source, target)]
     extract = time.perf_counter() - tick
     with tqdm(desc=f"{source} → {target}", unit="level", leave=False) as bar:
         result, state = measure_pair(*feats, network(target).head, data[target].train.y, data[target].val.y,
-                                     cfg, device, bar)
+                                     cfg, device, bar, level)
     result = dict(source=source, target=target, config=config, **result, seconds=time.perf_counter() - tick,
                   extract_seconds=extract, device=str(device))
     utils.save_checkpoint(state, out / "transfer" / f"{pair_name(source, target)}.pt")

@@ -113,13 +113,13 @@ def step_performance(monkeypatch, edge, calls=None):
     monkeypatch.setattr(utils, "train_epoch", lambda *a, **k: 0.0)  # fine-tuning that changes nothing
 
 
-def sweep(*args):
+def sweep(*args, level=None):
     cfg = utils.configure(vars(prune_transform), ["--PRUNE_LEVELS=[0.2, 0.4, 0.6, 0.8]", *args])
     torch.manual_seed(0)
     net = TransferNet()
     optimizer = utils.adam(prune_transform.ordered_parameters(net), 1e-3, torch.device("cpu"))
     pair = prune_transform.Pair(torch.zeros(10, 1), *[None] * 7)  # only its length is read: training is patched out
-    result = prune_transform.Sweep(net, optimizer, None, pair, cfg, torch.device("cpu"))
+    result = prune_transform.Sweep(net, optimizer, None, pair, cfg, torch.device("cpu"), level=level)
     result.run()
     return result, cfg
 
@@ -228,6 +228,20 @@ def test_matrix_files_and_the_diagonal(full_run):
         net = TransferNet()
         net.load_state_dict(state)
         assert prune_transform.kept_percent(net) == pytest.approx(r["measured_distance"])
+
+
+def test_stop_at_the_level_keeps_pruning_while_the_transfer_stays_above_it(monkeypatch):
+    """Performance 95 - 10 x sparsity: within 1 point of the unpruned transfer only at the dense net, at
+    least 90 (the level) up to 50 % pruned."""
+    monkeypatch.setattr(prune_transform, "evaluate", lambda net, *a: dict(
+        balanced_accuracy=95.0 - 10 * prune_transform.pruned_weights(net) / WEIGHTS, accuracy=0, auroc=0, mse=0))
+    monkeypatch.setattr(utils, "train_epoch", lambda *a, **k: 0.0)
+    relative, _ = sweep("--REFINE=0")
+    level, _ = sweep("--REFINE=0", "--STOP=level", level=90.0)
+    assert relative.passing == 0.0 and relative.failing == 0.2
+    assert level.line == 90.0 and level.passing == 0.4 and level.failing == 0.6
+    with pytest.raises(utils.UserError, match="STOP='level'"):
+        prune_transform.check_config(utils.configure(vars(prune_transform), ["--STOP=level", "--FEASIBILITY=none"]))
 
 
 def test_search_all_fine_tunes_and_measures_every_level_then_bisects_the_crossing(monkeypatch):
