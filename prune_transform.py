@@ -11,6 +11,7 @@ fisher_matrix.csv, fisher_heatmap.png, fisher_closest.json, and with both distan
 the rank correlation of the two and the overlap of their K closest).
 """
 import copy
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -761,8 +762,9 @@ def transfer_pairs(network, metrics, data, cfg, out, device, log):
     datasets = sorted({data[t].task.dataset for t in cfg.TARGETS})  # one dataset's features at a time, in which
     pairs = [(s, t) for d in datasets for s in cfg.SOURCES for t in cfg.TARGETS if data[t].task.dataset == d]
     # one source at a time: its features are extracted once and dropped after its last target
-    measure = lambda source, target, here: run_pair(source, target, network, data, cache, here, cfg, device, out, log,
-                                                    level)
+    head = functools.cache(lambda target: network(target).head)  # read once per target, not once per pair
+    measure = lambda source, target, here: run_pair(source, target, network, head, data, cache, here, cfg, device,
+                                                    out, log, level)
     return [decide(r, level, cfg.PERFORMANCE) for r in each_pair(out / "pairs", config, pairs, cfg, log, measure, "pairs")]
 
 
@@ -787,13 +789,13 @@ def write_fisher_outputs(fisher, transfer, cfg, out, log):
                  table.to_string(index=False, float_format="{:.3f}".format))
 
 
-def run_pair(source, target, network, data, cache, config, cfg, device, out, log, level):
+def run_pair(source, target, network, head, data, cache, config, cfg, device, out, log, level):
     """Measure one pair and save it (its JSON, then the pruned transfer net)."""
     tick = time.perf_counter()
     feats = [cache.get(n, data[target], lambda n=n: network(n).encoder) for n in (source, target)]
     extract = time.perf_counter() - tick
     with tqdm(desc=f"{source} → {target}", unit="level", leave=False) as bar:
-        result, state = measure_pair(*feats, network(target).head, data[target].train.y, data[target].val.y,
+        result, state = measure_pair(*feats, head(target), data[target].train.y, data[target].val.y,
                                      cfg, device, bar, level)
     result = dict(source=source, target=target, config=config, **result, seconds=time.perf_counter() - tick,
                   extract_seconds=extract, device=str(device))
