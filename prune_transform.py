@@ -456,28 +456,33 @@ def refit_head(body, x, y, num_classes, precision="fp32"):
 
 
 def squared_grad_sums(module, a, g):
-    """Sum over a chunk of the squared per-sample gradients of a Linear's or Conv2d's weight and bias, in
-    closed form from the layer's inputs a and output gradients g (a sample's weight gradient is g_i a_i^T,
-    over the unfolded patches for a convolution)."""
+    """Sum over a chunk of the squared per-sample gradients of a Linear's, Conv2d's or BatchNorm2d's weight
+    and bias, in closed form from the layer's inputs a and output gradients g (a sample's weight gradient is
+    g_i a_i^T, over the unfolded patches for a convolution; the normalised input times g_i for a BatchNorm)."""
     g = g.float()
     if isinstance(module, torch.nn.Linear):  # never a per-sample copy of the weight
         return dict(weight=g.pow(2).T @ a.float().pow(2), bias=g.pow(2).sum(0))
+    if isinstance(module, torch.nn.BatchNorm2d):  # in eval mode: y = weight * x_hat + bias, per channel
+        shape = (1, -1, 1, 1)
+        x_hat = (a.float() - module.running_mean.view(shape)) / (module.running_var.view(shape) + module.eps).sqrt()
+        return dict(weight=(g * x_hat).sum((2, 3)).pow(2).sum(0), bias=g.sum((2, 3)).pow(2).sum(0))
     cols = F.unfold(a.float(), module.kernel_size, module.dilation, module.padding, module.stride)
-    weight = torch.bmm(g.flatten(2), cols.transpose(1, 2)).pow(2).sum(0)
+    weight = torch.bmm(g.flatten(2), cols.transpose(1, 2)).square_().sum(0)
     return dict(weight=weight.view_as(module.weight), bias=g.sum((2, 3)).pow(2).sum(0))
 
 
 def closed_form(module):
     return isinstance(module, torch.nn.Linear) or (isinstance(module, torch.nn.Conv2d) and module.groups == 1
-                                                    and module.padding_mode == "zeros")
+                                                    and module.padding_mode == "zeros") \
+        or (isinstance(module, torch.nn.BatchNorm2d) and module.affine and module.running_mean is not None)
 
 
 def fisher_diagonal(model, x, y, names=None, chunk=128, precision="fp32"):
     """The diagonal of the empirical Fisher of model's parameters (those in `names`; all by default) on the
     labelled images (x, y): the mean of the squared per-sample gradients of the cross-entropy, `chunk` images
-    at a time. Linear and Conv2d layers sum them in closed form from one batched backward pass (each sample's
-    output gradient under the summed loss is its own); the other parameters (BatchNorm's) get per-sample
-    gradients from torch.func (vmap over grad)."""
+    at a time. Linear, Conv2d and (eval-mode) BatchNorm2d layers sum them in closed form from one batched
+    backward pass (each sample's output gradient under the summed loss is its own); any other parameter (a
+    grouped convolution's) gets per-sample gradients from torch.func (vmap over grad)."""
     model.eval()
     device = next(model.parameters()).device
     params = {k: v.detach() for k, v in model.named_parameters() if names is None or k in names}
@@ -492,8 +497,11 @@ def fisher_diagonal(model, x, y, names=None, chunk=128, precision="fp32"):
         return F.cross_entropy(out.float(), yi.unsqueeze(0))
     per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))
     seen = {}  # each layer's (input, output) on the chunk
-    hooks = [m.register_forward_hook(lambda _, inputs, out, n=n: seen.__setitem__(n, (inputs[0].detach(), out)))
-             for n, m in layers.items()]
+
+    def keep(name, inputs, out):
+        seen[name] = inputs[0].detach(), out
+        return out.clone()  # what flows on: an in-place op after the layer (ReLU, a residual sum) must not alter `out`
+    hooks = [m.register_forward_hook(lambda _, inputs, out, n=n: keep(n, inputs, out)) for n, m in layers.items()]
     total = {k: torch.zeros_like(v) for k, v in params.items()}
     try:
         for i in range(0, len(x), chunk):

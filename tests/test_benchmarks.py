@@ -1,6 +1,7 @@
 """The benchmarks' smoke sizes: each runs, writes its CSV with the expected columns and positive figures."""
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -90,3 +91,39 @@ def test_study_reads_relative_and_level_rules_off_a_whole_curve():
     assert study_distance.entries(pairs, "balanced_accuracy", 1.0, 76.0)["b", "t"]["distance"] is None  # infeasible
     between = study_distance.entries(pairs, "balanced_accuracy", 1.0, 75.0, interpolate=True)["a", "t"]
     assert between["distance"] == pytest.approx(500 ** 0.5)  # 79 is halfway from 79.5 (50 % kept) to 78.5 (10 %)
+
+
+class TinyNet(torch.nn.Module):
+    """A stand-in for ResNet-18 with the same parts (convolution, BatchNorm, an `fc` head), in milliseconds."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, stride=2), torch.nn.BatchNorm2d(4),
+                                        torch.nn.ReLU(inplace=True), torch.nn.Flatten())
+        self.fc = torch.nn.Linear(4 * 13 * 13, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def test_ftd_suite_compares_with_the_published_matrix_and_resumes(tmp_path, monkeypatch):
+    import ftd_suite
+    monkeypatch.setattr(ftd_suite, "build_baseline", lambda name, num_classes: TinyNet(num_classes))
+    mean, sd, summary = ftd_suite.main(["--size=smoke", f"--out={tmp_path}"])
+    off = ~np.eye(4, dtype=bool)
+    assert (np.diag(mean) == 0).all() and ((mean.values[off] > 0) & (mean.values[off] < 1)).all()
+    assert (sd.values >= 0).all() and (sd.values[off] > 0).any()  # two trials: two initialisations
+    table = pd.read_csv(tmp_path / "ftd_vs_paper.csv")
+    assert len(table) == 12 and table.iloc[0][["source", "target", "paper"]].tolist() == ["task0", "task1", 0.2189]
+    assert (table["ours_squared_mean"] < table["ours_mean"]).all()  # d^2 < d for d in (0, 1): the code's scale
+    networks = pd.read_csv(tmp_path / "ftd_networks.csv")
+    assert networks["classes"].tolist() == [2, 2, 5, 10] * 2 and networks["test_error"].between(0, 100).all()
+    assert -1 <= summary["spearman_off_diagonal"] <= 1 and 0 <= summary["closest_agree"] <= 4
+    assert (tmp_path / "ftd_heatmap.png").stat().st_size > 0 and "Spearman" in (tmp_path / "ftd_vs_paper.md").read_text()
+
+    def redo(*args, **kwargs):
+        raise AssertionError("a rerun must read its networks and distances back")
+    monkeypatch.setattr(ftd_suite.utils, "fit", redo)
+    monkeypatch.setattr(ftd_suite.prune_transform, "task_fisher", redo)
+    again, _, _ = ftd_suite.main(["--size=smoke", f"--out={tmp_path}"])
+    pd.testing.assert_frame_equal(again, mean)

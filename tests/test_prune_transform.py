@@ -444,8 +444,8 @@ def test_fisher_distance_is_zero_to_itself_bounded_symmetric_and_trace_free():
 
 def test_chunked_vmap_fisher_equals_a_loop_over_single_images():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.ReLU(),
-                                torch.nn.Flatten(), torch.nn.Linear(72, 3))
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.ReLU(inplace=True),
+                                torch.nn.Conv2d(2, 2, 3, groups=2), torch.nn.Flatten(), torch.nn.Linear(32, 3))
     model(torch.randn(16, 1, 8, 8))  # running statistics away from their defaults
     x, y = torch.randn(7, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2, 2])
     model.eval()
@@ -455,9 +455,9 @@ def test_chunked_vmap_fisher_equals_a_loop_over_single_images():
         torch.nn.functional.cross_entropy(model(xi[None]), yi[None]).backward()
         for total, p in zip(expected, model.parameters()):
             total += p.grad.pow(2) / len(x)
-    got = prune_transform.fisher_diagonal(model, x, y, chunk=3)  # the conv by vmap, the Linear in closed form
+    got = prune_transform.fisher_diagonal(model, x, y, chunk=3)  # the grouped conv by vmap, the rest in closed form
     torch.testing.assert_close(got, torch.cat([e.flatten() for e in expected]))
-    last = prune_transform.fisher_diagonal(model, x, y, names={"4.weight", "4.bias"}, chunk=3)
+    last = prune_transform.fisher_diagonal(model, x, y, names={"5.weight", "5.bias"}, chunk=3)
     torch.testing.assert_close(last, torch.cat([expected[-2].flatten(), expected[-1]]))
 
 
