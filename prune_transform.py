@@ -227,14 +227,8 @@ def train_transfer(pair, cfg, device):
 def fit_transfer(net, optimizer, pair, epochs, generator, cfg, device):
     """`epochs` MSE epochs from x to y, the lr under LR_SCHEDULE from the optimizer's (cosine: to 0 at the
     end); the mean loss of every epoch."""
-    step = utils.train_step
-    if cfg.LR_SCHEDULE == "cosine":
-        steps = epochs * math.ceil(len(pair.x) / cfg.BATCH_SIZE)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
-        def step(*args):
-            loss = utils.train_step(*args)
-            scheduler.step()
-            return loss
+    step = utils.train_step if cfg.LR_SCHEDULE == "constant" else \
+        utils.cosine_step(optimizer, epochs * math.ceil(len(pair.x) / cfg.BATCH_SIZE))
     return [utils.train_epoch(net, optimizer, pair.x, pair.y, cfg.BATCH_SIZE, generator, device,
                               loss_fn=F.mse_loss, step=step, precision=cfg.PRECISION) for _ in range(epochs)]
 

@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import random
@@ -794,15 +795,29 @@ def train_epoch(model, optimizer, x, y, batch_size, generator, device, loss_fn=N
     return float(total) / max(count, 1)
 
 
-def fit(model, train, epochs, batch_size, lr, seed, device, label="training", precision="fp32"):
-    """Train model on a split with Adam (lr) for `epochs` shuffled passes (order seeded by seed),
-    with a progress bar; returns the mean loss of every epoch."""
+def cosine_step(optimizer, steps):
+    """A train_step that then decays the optimizer's lr along a cosine, to 0 after `steps` steps."""
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
+
+    def step(*args):
+        loss = train_step(*args)
+        scheduler.step()
+        return loss
+    return step
+
+
+def fit(model, train, epochs, batch_size, lr, seed, device, label="training", precision="fp32",
+        lr_schedule="constant"):
+    """Train model on a split with Adam (lr, constant or decayed along a cosine to 0) for `epochs` shuffled
+    passes (order seeded by seed), with a progress bar; returns the mean loss of every epoch."""
     from tqdm import tqdm
     optimizer = adam(model.parameters(), lr, device)
     generator = torch.Generator().manual_seed(seed)
+    step = train_step if lr_schedule == "constant" else \
+        cosine_step(optimizer, epochs * math.ceil(len(train.x) / batch_size))
     with tqdm(total=epochs * len(train.x), desc=label, unit="img", leave=False, mininterval=1) as bar:
         return [train_epoch(model, optimizer, train.x, train.y, batch_size, generator, device, progress=bar,
-                            precision=precision) for _ in range(epochs)]
+                            step=step, precision=precision) for _ in range(epochs)]
 
 
 def evaluate(model, data, batch_size=1000, splits=("val", "test"), precision="fp32"):

@@ -9,7 +9,7 @@ indicator" detected the digit 1; we follow the paper's text: the digit 6.
 
 Trial k trains one ResNet-18 per task (models.baselines: torchvision's, adapted to 1x28x28) from the same
 initialisation and data order, seed k (the theory's Remark 1: networks trained alike are at distance 0), with
-Adam 1e-3 and cross-entropy on the first --train-limit training images. d_F(b -> t) is step 2's
+Adam (lr 1e-3 decayed to 0 along a cosine) and cross-entropy on the first --train-limit training images. d_F(b -> t) is step 2's
 (prune_transform.task_fisher): N_b's body with a head refitted to task t, the diagonal empirical Fisher on
 --samples training images of t, normalised to unit trace, against the same for N_t. The networks and each
 trial's distances are kept under --work (a rerun resumes); --out gets ftd_networks.csv (test error of every
@@ -40,7 +40,7 @@ TASKS = {  # the suite's task number -> our task name
 }
 utils.TASK_REGISTRY["mnist_0123_rest"] = utils.Task("mnist", "classes", (0, 1, 2, 3))
 SIZES = {
-    "full": dict(trials=3, train_limit=2000, epochs=2, samples=200, eval_limit=1000, batch=128,
+    "full": dict(trials=3, train_limit=4000, epochs=2, samples=200, eval_limit=1000, batch=32,
                  work="checkpoints/ftd_suite", out=str(common.REPO / "results" / "ftd_mnist_resnet18")),
     "smoke": dict(trials=2, train_limit=48, epochs=1, samples=8, eval_limit=100, batch=16,
                   work=None, out=str(common.RESULTS / "ftd_suite_smoke")),
@@ -76,14 +76,15 @@ def config(args):
 def network(args, cfg, trial, key, data):
     """Trial `trial`'s network for a suite task: trained and saved, or read back when it was made alike."""
     settings = dict(task=TASKS[key], seed=trial, train_limit=args.train_limit, epochs=args.epochs, batch=args.batch,
-                    lr=1e-3, data=data.fingerprint)
+                    lr=1e-3, lr_schedule="cosine", data=data.fingerprint)
     path = args.work / f"trial{trial}" / f"{key}.pt"
     utils.set_seed(trial)  # the same initialisation for every task of a trial (the head, built last, differs)
     model = build_baseline("resnet18", data.task.num_classes).to(args.device)
     saved = utils.load_current(path, settings)
     if saved is None:
         tick = time.perf_counter()
-        utils.fit(model, data.train, args.epochs, args.batch, 1e-3, trial, args.device, label=f"trial {trial} {key}")
+        utils.fit(model, data.train, args.epochs, args.batch, 1e-3, trial, args.device, label=f"trial {trial} {key}",
+                  lr_schedule="cosine")
         metrics = dict(utils.evaluate(model, data, splits=("test",)), train_s=time.perf_counter() - tick)
         saved = dict(config=settings, state=model.state_dict(), metrics=metrics)
         utils.save_checkpoint(saved, path)
