@@ -11,7 +11,13 @@ logits computed once per alternation). Naive: DataLoaders over per-image ToTenso
 every alpha batch running all candidates forward and backward.
 Writes <out>/step3.csv: median seconds of the round, the ratio, and the FLOP/s of its weight training
 against the roofline.
+--compile instead times each candidate's weight steps (batch BATCH_SIZE, Adam) eager and under torch.compile
+(--backend: inductor at full size): the first compiled step, which compiles, apart from the median of the --steps after it, and the
+steps a network must train before compiling pays (step3_compile.csv). A round compiles every candidate anew:
+each genotype is another graph.
 """
+import statistics
+
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
@@ -24,8 +30,10 @@ from models import FuseMixture, Genotype, build_network
 GENOTYPES = (("sep_conv_3x3", "skip_connect", "sep_conv_5x5"),
              ("dil_conv_3x3", "max_pool_3x3", "conv_7x1_1x7"),
              ("skip_connect", "sep_conv_3x3", "avg_pool_3x3"))  # 3-node cells, one op per edge
-SIZES = {"smoke": dict(limit=32, val_limit=16, w_epochs=1, alpha_epochs=1, alternations=1, repeats=1),
-         "full": dict(limit=256, val_limit=128, w_epochs=1, alpha_epochs=5, alternations=1, repeats=3)}
+SIZES = {"smoke": dict(limit=32, val_limit=16, w_epochs=1, alpha_epochs=1, alternations=1, repeats=1, steps=2,
+                       backend="eager"),  # dynamo's tracing without inductor's minute of code generation
+         "full": dict(limit=256, val_limit=128, w_epochs=1, alpha_epochs=5, alternations=1, repeats=3, steps=8,
+                      backend="inductor")}
 SEED = 0
 
 
@@ -36,6 +44,9 @@ def arguments(argv):
     p.add_argument("--w-epochs", type=int, help="weight epochs per alternation (the paper: 5)")
     p.add_argument("--alpha-epochs", type=int, help="alpha epochs per alternation (the paper: 5)")
     p.add_argument("--alternations", type=int, help="alternations of the round (the paper: up to 5)")
+    p.add_argument("--compile", action="store_true", help="also time the candidates' steps under torch.compile")
+    p.add_argument("--steps", type=int, help="timed weight steps per candidate and way (--compile)")
+    p.add_argument("--backend", help="torch.compile's backend (--compile)")
     return common.parse(p, argv)
 
 
@@ -144,11 +155,37 @@ def time_round(args, cfg, train, val):
         return seconds, common.device_name(args.device), train_flop_per_image(genotypes, args.device)
 
 
+def time_compile(args, cfg, train):
+    """Per candidate: seconds of a weight step eager and compiled, and the compile's own seconds."""
+    rows = []
+    xb, yb = train.x[:cfg.BATCH_SIZE].to(args.device), train.y[:cfg.BATCH_SIZE].to(args.device)
+    with common.threads(cfg.THREADS):
+        for genotype in candidates(cfg):
+            seconds = {}
+            for way in ("eager", "compiled"):
+                torch.manual_seed(SEED)
+                net = build_network(genotype, 2).to(args.device).train()
+                run = torch.compile(net, backend=args.backend) if way == "compiled" else net
+                optimizer = utils.adam(net.parameters(), cfg.W_LR, args.device)
+                steps = [common.timed(lambda: utils.train_step(run, optimizer, xb, yb, F.cross_entropy), args.device)
+                         for _ in range(args.steps + 1)]
+                seconds[way] = steps[0], statistics.median(steps[1:])
+            (_, eager), (first, compiled) = seconds["eager"], seconds["compiled"]
+            gain = eager - compiled
+            rows.append(dict(genotype="|".join(genotype.ops), backend=args.backend,
+                             batch=len(xb), C=cfg.C, N=cfg.N, eager_step_s=eager, compiled_step_s=compiled,
+                             speedup=eager / compiled, compile_s=first - compiled,
+                             break_even_steps=(first - compiled) / gain if gain > 0 else float("inf")))
+    return common.save(rows, "step3_compile", args.out)
+
+
 def main(argv=None):
     args = arguments(argv)
-    peak = common.roofline(args.device, args.smoke)
     cfg = round_config(args)
     train, val = load_splits(args, cfg)
+    if args.compile:
+        return time_compile(args, cfg, train)
+    peak = common.roofline(args.device, args.smoke)
     seconds, device, flop = time_round(args, cfg, train, val)
     weight_flop = cfg.MAX_ALTERNATIONS * cfg.W_EPOCHS * len(train.x) * flop
     rows = [dict(variant=v, images=len(train.x), val_images=len(val.x), alternations=cfg.MAX_ALTERNATIONS,

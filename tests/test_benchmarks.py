@@ -127,3 +127,10 @@ def test_ftd_suite_compares_with_the_published_matrix_and_resumes(tmp_path, monk
     monkeypatch.setattr(ftd_suite.prune_transform, "task_fisher", redo)
     again, _, _ = ftd_suite.main(["--size=smoke", f"--out={tmp_path}"])
     pd.testing.assert_frame_equal(again, mean)
+
+
+def test_step3_times_compiled_steps_beside_eager_ones(tmp_path):
+    bench_step3.main(["--size=smoke", f"--out={tmp_path}", "--compile"])
+    table = pd.read_csv(tmp_path / "step3_compile.csv")
+    assert len(table) == 2  # the smoke preset's candidates
+    assert_positive(table, ["eager_step_s", "compiled_step_s", "speedup", "compile_s", "break_even_steps"])
