@@ -73,7 +73,7 @@ def config(args):
         f"--FISHER_SAMPLES={args.samples}", "--FISHER_PARAMS=all", "--PRECISION=fp32"])
 
 
-def network(args, cfg, trial, key, data):
+def network(args, trial, key, data):
     """Trial `trial`'s network for a suite task: trained and saved, or read back when it was made alike."""
     settings = dict(task=TASKS[key], seed=trial, train_limit=args.train_limit, epochs=args.epochs, batch=args.batch,
                     lr=1e-3, lr_schedule="cosine", data=data.fingerprint)
@@ -96,7 +96,7 @@ def network(args, cfg, trial, key, data):
 
 def trial_distances(args, cfg, trial, data):
     """d_F(b -> t) of one trial for every ordered pair of suite tasks, saved after each pair."""
-    nets = {k: network(args, cfg, trial, k, data[k]) for k in TASKS}
+    nets = {k: network(args, trial, k, data[k]) for k in TASKS}
     settings = dict(samples=args.samples, networks=[nets[k][1] for k in TASKS])
     path = args.work / f"trial{trial}" / "distances.json"
     saved = utils.load_current(path, settings) or dict(config=settings, distances={})
@@ -106,10 +106,10 @@ def trial_distances(args, cfg, trial, data):
             key = f"{b}->{t}"
             if key in saved["distances"]:
                 continue
-            tick = time.perf_counter()
             if b == t:
                 saved["distances"][key] = 0.0
                 continue
+            tick = time.perf_counter()
             own = own if own is not None else prune_transform.task_fisher(nets[t][0], data[t], cfg)
             saved["distances"][key] = prune_transform.fisher_distance(
                 prune_transform.task_fisher(nets[b][0], data[t], cfg), own)
