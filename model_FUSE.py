@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+import executor
 import utils
 from models.baselines import build_baseline  # torchvision: only this step needs it
 from models import (FuseMixture, Genotype, build_network, count_parameters,
@@ -98,6 +99,11 @@ PRECISION = "fp32"        # fp32 | bf16: forward passes under torch.autocast (we
 THREADS = 1               # CPU threads of the searched networks (0 = torch's default); 1 spares small networks
                           # OpenMP's waits on a busy machine; the torchvision rows use every core (speed only,
                           # though the last bits of results may depend on it)
+EXECUTOR = "local"        # where the units (a search, a random search, a row retrained with one seed) run: "local"
+                          # (here, one after another) or "ray"
+RAY_ADDRESS = ""          # with "ray": "" starts Ray on this machine; else a cluster's address (README, Scaling out)
+CPUS_PER_UNIT = 1         # with "ray": CPU threads of each unit ...
+GPUS_PER_UNIT = 0         # ... and its GPUs (1 on a GPU machine: one unit per GPU)
 
 # named sets of constants (--PRESET=name); precedence: the constants above < the preset < --NAME=value
 PRESETS = {
@@ -124,6 +130,7 @@ AT_LEAST_ONE = frozenset({"K", "C", "N", "CANDIDATES", "ROUNDS", "BASE_ROUNDS", 
 
 # ----------------------------------------------------------------------------- small helpers
 def check_config(cfg):
+    executor.check_config(cfg)
     utils.get_task(cfg.TARGET)
     if cfg.DISTANCE not in CLOSEST_FILES:
         raise utils.UserError(f"DISTANCE={cfg.DISTANCE!r}: use one of {', '.join(CLOSEST_FILES)}")
@@ -332,7 +339,7 @@ def round_candidates(search, r, incumbent, cfg):
                                          cfg.NODES, cfg.C, cfg.N)
 
 
-def search_round(search, r, incumbent, train, val, cfg, device, log):
+def search_round(search, r, incumbent, train, val, cfg, device, save, log):
     """Run round r and save it, with the config and incumbent it started from."""
     candidates = round_candidates(search, r, incumbent, cfg)
     start = time.perf_counter()
@@ -343,7 +350,7 @@ def search_round(search, r, incumbent, train, val, cfg, device, log):
     record = dict(config=round_config(search, r, incumbent, cfg), round=r, task=search.task,
                   space=search.space_name, **result, seconds=time.perf_counter() - start,
                   device=device_label(device))
-    utils.write_json(search.folder / f"round_{r:02d}.json", record)
+    save(search.folder / f"round_{r:02d}.json", record)
     log.info("%s (%s) round %d: α %s after %d alternation(s) (%s, lead %.3f), val accuracy %s, mixture %.2f %%; "
              "winner %s, %.1f s", search.task, search.space_name, r,
              [round(a, 4) for a in record["alpha"][-1]], record["alternations"],
@@ -357,17 +364,23 @@ def round_config(search, r, incumbent, cfg):
     return dict(search.identity(cfg), round=r, incumbent=incumbent.to_json())
 
 
-def fuse_search(search, train, val, cfg, device, log):
+def saved_rounds(folder, log=None):
+    """The round files of a search folder (name -> content), read by the driver for the unit that resumes it."""
+    return {path.name: utils.read_saved(path, log) for path in sorted(Path(folder).glob("round_*.json"))}
+
+
+def fuse_search(search, train, val, saved, cfg, device, save, log):
     """FUSE for search.rounds rounds on the training and validation splits (the test split never
-    comes in). A round saved with the same config and incumbent is reused, so a killed search
-    resumes after its last finished round and ends as an uninterrupted one would."""
+    comes in). A round of `saved` (saved_rounds) made with the same config and incumbent is reused, so a killed
+    search resumes after its last finished round and ends as an uninterrupted one would; each new round goes to
+    save(path, record) as soon as it ends."""
     incumbent, records = search.first, []
     for r in tqdm(range(1, search.rounds + 1), desc=f"FUSE {search.task} ({search.space_name})", unit="round"):
-        path = search.folder / f"round_{r:02d}.json"
-        record = utils.load_current(path, round_config(search, r, incumbent, cfg), log)
-        if record is None:
-            record = search_round(search, r, incumbent, train, val, cfg, device, log)
-        incumbent = read_genotype(record["candidates"][record["winner"]], path)
+        name = f"round_{r:02d}.json"
+        record = saved.get(name)
+        if not utils.made_with(record, round_config(search, r, incumbent, cfg)):
+            record = search_round(search, r, incumbent, train, val, cfg, device, save, log)
+        incumbent = read_genotype(record["candidates"][record["winner"]], search.folder / name)
         records.append(record)
     result = dict(task=search.task, space=search.space_name, genotype=incumbent.to_json(),
                   config=dict(search.identity(cfg), rounds=search.rounds),
@@ -378,9 +391,19 @@ def fuse_search(search, train, val, cfg, device, log):
                   rounds=records)
     log.info("%s (%s): α decided %d of %d rounds; argmax α was the best validation accuracy in %d", search.task,
              search.space_name, result["decided_rounds"], len(records), result["alpha_agrees_with_val"])
-    utils.write_json(search.folder / "result.json", result)
-    plot_alpha(records, search.folder / "alpha.png", f"FUSE on {search.task}, {search.space_name} space")
     return result
+
+
+def search_unit(search, tasks, saved, cfg, device, save, log):
+    """A unit: a FUSE search on its task's training (its first SEARCH_LIMIT images) and validation splits."""
+    data = tasks[search.task]
+    return fuse_search(search, limit(data.train, cfg.SEARCH_LIMIT), data.val, saved, cfg, device, save, log)
+
+
+def write_search(search, result):
+    """A finished search's result.json and α plot, written by the driver."""
+    utils.write_json(search.folder / "result.json", result)
+    plot_alpha(result["rounds"], search.folder / "alpha.png", f"FUSE on {search.task}, {search.space_name} space")
 
 
 def standard_search(name, data, rounds, folder, cfg):
@@ -426,14 +449,12 @@ def closest_tasks(cfg, data, log):
     return ranked[:cfg.K]
 
 
-def dictionary_genotype(task, cfg, device, log):
-    """A base task's genotype and search seconds: from search/dictionary/<task>.json when it was
-    searched with this config (or written by hand, without a config), else searched now by FUSE in
-    the standard space for BASE_ROUNDS rounds and saved there."""
-    path = Path(cfg.CKPT_DIR) / "search" / "dictionary" / f"{task}.json"
-    data = utils.load_task(task, cfg, log)
+def dictionary_entry(task, data, cfg, log):
+    """A base task's (genotype, search seconds) from search/dictionary/<task>.json when it was searched with this
+    config (or written by hand, without a config); else (None, the Search to run: FUSE in the standard space for
+    BASE_ROUNDS rounds, saved there by write_dictionary)."""
+    path = dictionary_path(cfg, task)
     search = standard_search(task, data, cfg.BASE_ROUNDS, path.with_suffix(""), cfg)
-    config = dict(search.identity(cfg), rounds=cfg.BASE_ROUNDS)
     entry = utils.read_saved(path, log)
     if entry is not None:
         genotype = read_genotype(entry.get("genotype") if isinstance(entry, dict) else entry, path)
@@ -443,19 +464,26 @@ def dictionary_genotype(task, cfg, device, log):
         if "config" not in entry:
             log.info("%s: genotype %s given by hand in %s", task, "/".join(genotype.ops), path)
             return genotype, float("nan")
-        if utils.made_with(entry, config):
+        if utils.made_with(entry, dict(search.identity(cfg), rounds=cfg.BASE_ROUNDS)):
             return genotype, entry["seconds"]
         log.info("%s: %s was searched with another config, searching again", task, path)
-    result = fuse_search(search, limit(data.train, cfg.SEARCH_LIMIT), data.val, cfg, device, log)
-    utils.write_json(path, dict(task=task, genotype=result["genotype"], config=config,
-                          seconds=result["seconds"], device=result["device"]))
-    return Genotype.from_json(result["genotype"]), result["seconds"]
+    return None, search
 
 
-def task_aware_search(data, ranked, folder, cfg, device, log):
-    """The target's search in the space of its closest base tasks' genotypes, from the closest one's."""
-    found = [dictionary_genotype(r["task"], cfg, device, log) for r in ranked]
-    genotypes = [g for g, _ in found]
+def dictionary_path(cfg, task):
+    return Path(cfg.CKPT_DIR) / "search" / "dictionary" / f"{task}.json"
+
+
+def write_dictionary(search, result, cfg):
+    utils.write_json(dictionary_path(cfg, search.task), dict(task=search.task, genotype=result["genotype"],
+                     config=dict(search.identity(cfg), rounds=cfg.BASE_ROUNDS), seconds=result["seconds"],
+                     device=result["device"]))
+
+
+def task_aware_search(data, ranked, found, folder, cfg, log):
+    """The target's search in the space of its closest base tasks' genotypes (found: task -> (genotype, seconds)),
+    from the closest one's; with the dictionary's search seconds."""
+    genotypes = [found[r["task"]][0] for r in ranked]
     space = task_aware_space(genotypes)
     log.info("task-aware space of %s from %s: %s (%d genotypes)", cfg.TARGET,
              ", ".join(f"{r['task']} ({r['distance']:.3g}): {'/'.join(g.ops)}" for r, g in zip(ranked, genotypes)),
@@ -463,17 +491,7 @@ def task_aware_search(data, ranked, folder, cfg, device, log):
     first = Genotype(genotypes[0].ops, cfg.NODES, cfg.C, cfg.N)
     search = Search(cfg.TARGET, "task_aware", space, first, cfg.ROUNDS, Path(folder), data.fingerprint,
                     data.task.num_classes)
-    return search, sum(s for _, s in found)
-
-
-def target_search(space, data, ranked, out, cfg, device, log):
-    """The target's FUSE search in one space; for the task-aware one, also the dictionary's cost."""
-    if space == "standard":
-        search, dictionary_seconds = standard_search(cfg.TARGET, data, cfg.ROUNDS, out / space, cfg), float("nan")
-    else:
-        search, dictionary_seconds = task_aware_search(data, ranked, out / space, cfg, device, log)
-    result = fuse_search(search, limit(data.train, cfg.SEARCH_LIMIT), data.val, cfg, device, log)
-    return dict(result, dictionary_seconds=dictionary_seconds)
+    return search, sum(found[r["task"]][1] for r in ranked)
 
 
 # ----------------------------------------------------------------------------- random search
@@ -492,23 +510,23 @@ def random_trial(genotype, epochs, seed, train, val, num_classes, cfg, device):
                 seconds=time.perf_counter() - start, device=device_label(device))
 
 
-def random_search(data, standard, out, cfg, device, log):
-    """Random search in the standard space on FUSE's budget: as many candidate trainings as the
+def random_search(tasks, target, standard, saved, path, cfg, device, save, log):
+    """A unit: random search in the standard space on FUSE's budget: as many candidate trainings as the
     standard-space FUSE search made, each as many weight epochs as a candidate had in that round;
-    the best by validation accuracy wins. Trials are saved one by one, so a rerun resumes."""
+    the best by validation accuracy wins. Trials are saved one by one (saved: the file so far), so a rerun
+    resumes."""
+    data = tasks[target]
     budgets = [r["alternations"] * cfg.W_EPOCHS for r in standard["rounds"] for _ in r["candidates"]]
     rng = random.Random(f"{cfg.SEED}/{data.name}/random")
     genotypes = sample_distinct(standard_space(cfg.NODES), rng, len(budgets), (), cfg.NODES, cfg.C, cfg.N)
-    path = out / "random.json"
     config = utils.plain(dict(pick(cfg, SEARCH_KEYS), task=data.name, data=data.fingerprint, budgets=budgets))
-    old = utils.load_current(path, config, log)
-    trials = old["trials"] if old else []
+    trials = saved["trials"] if utils.made_with(saved, config) else []
     train = limit(data.train, cfg.SEARCH_LIMIT)
     for i in tqdm(range(len(trials), len(genotypes)), desc=f"random search {data.name}", unit="trial"):
         seed = seed_of(cfg.SEED, data.name, "random", i)
         trials.append(random_trial(genotypes[i], budgets[i], seed, train, data.val,
                                    data.task.num_classes, cfg, device))
-        utils.write_json(path, dict(config=config, trials=trials))
+        save(path, dict(config=config, trials=trials))
     best = max(trials, key=lambda t: t["val_accuracy"])  # the first of equals
     log.info("random search on %s: %d trials, best %s (val accuracy %.2f %%)", data.name, len(trials),
              "/".join(best["genotype"]["ops"]), best["val_accuracy"])
@@ -536,38 +554,61 @@ def retrain(build, data, epochs, images, cfg, device, seed, label):
     return model, metrics, dict(test_images=len(labels), test_wrong=wrong)
 
 
-def run_row(row, data, searches, out, cfg, device, log):
-    """Retrain a row's network from scratch for every FINAL_SEEDS seed and score it on the test split;
-    a seed retrained earlier with the same config is reused."""
+def row_config(row, data, searches, cfg):
     search = searches.get(ROW_SEARCH.get(row))
-    genotype = Genotype.from_json(search["genotype"]) if search else None
-    classes = data.task.num_classes
-    build = (lambda: build_network(genotype, classes)) if genotype else (lambda: build_baseline(row, classes))
     epochs, images = budget(row, cfg)
-    config = dict(pick(cfg, FINAL_KEYS), row=row, task=data.name, data=data.fingerprint, epochs=epochs,
-                  images=images, genotype=genotype.to_json() if genotype else None)
-    runs, threads = [], torch.get_num_threads()
-    for s in cfg.FINAL_SEEDS:
-        path = out / "rows" / f"{row}_seed{s}.json"
-        run = utils.load_current(path, dict(config, seed=s), log)
-        if run is None:
-            start = time.perf_counter()
-            torch.set_num_threads(threads if genotype else ALL_THREADS)  # large convolutions use every core
-            try:
-                model, metrics, errors = retrain(build, data, epochs, images, cfg, device,
-                                                 seed_of(cfg.SEED, "final", s), f"{row} seed {s}")
-            finally:
-                torch.set_num_threads(threads)
-            run = dict(config=dict(config, seed=s), metrics=metrics, **errors, params=count_parameters(model),
-                       seconds=time.perf_counter() - start, device=device_label(device))
-            if genotype:
-                utils.save_checkpoint({"genotype": genotype.to_json(), "config": run["config"], "metrics": metrics,
-                                       "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}},
-                                      path.with_suffix(".pt"))
-            utils.write_json(path, run)
-        else:
-            log.info("%s seed %d: retrained earlier with the same config, reused", row, s)
-        runs.append(run)
+    return dict(pick(cfg, FINAL_KEYS), row=row, task=data.name, data=data.fingerprint, epochs=epochs, images=images,
+                genotype=search["genotype"] if search else None)
+
+
+def retrain_unit(config, seed, tasks, cfg, device):
+    """A unit: a row's network retrained from scratch with one FINAL_SEEDS seed and scored on the test split; its
+    record and, for a searched network, its checkpoint."""
+    data, start = tasks[config["task"]], time.perf_counter()
+    genotype = Genotype.from_json(config["genotype"]) if config["genotype"] else None
+    classes = data.task.num_classes
+    build = (lambda: build_network(genotype, classes)) if genotype else (lambda: build_baseline(config["row"], classes))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads if genotype else ALL_THREADS)  # large convolutions use every core
+    try:
+        model, metrics, errors = retrain(build, data, config["epochs"], config["images"], cfg, device,
+                                         seed_of(cfg.SEED, "final", seed), f"{config['row']} seed {seed}")
+    finally:
+        torch.set_num_threads(threads)
+    run = dict(config=dict(config, seed=seed), metrics=metrics, **errors, params=count_parameters(model),
+               seconds=time.perf_counter() - start, device=device_label(device))
+    state = genotype and {"genotype": config["genotype"], "config": run["config"], "metrics": metrics,
+                          "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}
+    return run, state
+
+
+def run_rows(ex, tasks, data, searches, out, cfg, log):
+    """Every row of ROWS retrained once per FINAL_SEEDS seed (a seed retrained earlier with the same config is
+    reused), each scored on the test split; the rows' records, written to rows/<row>.json."""
+    configs = {row: row_config(row, data, searches, cfg) for row in cfg.ROWS}
+    runs, jobs = {}, []
+    for row, config in configs.items():
+        for s in cfg.FINAL_SEEDS:
+            runs[row, s] = utils.load_current(out / "rows" / f"{row}_seed{s}.json", dict(config, seed=s), log)
+            if runs[row, s] is None:
+                jobs.append(ex.submit(f"{row} seed {s}", retrain_unit, config, s, tasks, cfg, ex.device))
+            else:
+                log.info("%s seed %d: retrained earlier with the same config, reused", row, s)
+
+    def done(name, retrained):
+        run, state = retrained
+        row, s = run["config"]["row"], run["config"]["seed"]
+        if state:
+            utils.save_checkpoint(state, out / "rows" / f"{row}_seed{s}.pt")
+        utils.write_json(out / "rows" / f"{row}_seed{s}.json", run)
+        runs[row, s] = run
+
+    ex.run(jobs, "retraining", done)
+    return {row: row_record(row, config, [runs[row, s] for s in cfg.FINAL_SEEDS], out, cfg, log)
+            for row, config in configs.items()}
+
+
+def row_record(row, config, runs, out, cfg, log):
     record = dict(row=row, config=config, seeds=list(cfg.FINAL_SEEDS), params=runs[0]["params"],
                   runs=[r["metrics"] for r in runs], test_images=runs[0]["test_images"],
                   test_wrong=[r["test_wrong"] for r in runs], seconds=sum(r["seconds"] for r in runs),
@@ -695,19 +736,55 @@ def needed_spaces(cfg):
     return list(dict.fromkeys(spaces + (["standard"] if "random" in cfg.ROWS else [])))
 
 
-def run_searches(data, ranked, out, cfg, device, log):
-    """The target's FUSE searches, its headline genotype, and the random search when a row needs it."""
-    searches = {}
-    for space in needed_spaces(cfg):
-        with utils.stage(log, f"{space} search"):
-            searches[space] = target_search(space, data, ranked, out, cfg, device, log)
+def run_searches(ex, tasks, data, ranked, out, cfg, log):
+    """The target's FUSE searches, its headline genotype, and the random search when a row needs it; as units in
+    two waves: the base tasks' searches the task-aware space needs (those not in the dictionary yet) and the
+    standard-space search, then the task-aware search (on the dictionary's genotypes) and the random search (on
+    the standard one's budget)."""
+    spaces, searches, found, running = needed_spaces(cfg), {}, {}, {}
+
+    def submit(name, search):
+        running[name] = search
+        return ex.submit(name, search_unit, search, tasks, saved_rounds(search.folder, log), cfg, ex.device, ex.save,
+                         ex.log)
+
+    def done(name, result):
+        if name in running:
+            write_search(running.pop(name), result)
+        return result
+
+    jobs = {}
+    for r in ranked if "task_aware" in spaces else []:
+        genotype, entry = dictionary_entry(r["task"], data[r["task"]], cfg, log)
+        if genotype is None:
+            jobs[r["task"]] = submit(f"{r['task']} (dictionary)", entry)
+        else:
+            found[r["task"]] = genotype, entry
+    if "standard" in spaces:
+        jobs["standard"] = submit(f"{cfg.TARGET} (standard)", standard_search(
+            cfg.TARGET, data[cfg.TARGET], cfg.ROUNDS, out / "standard", cfg))
+    dictionary = {name: running[name] for name in running if name.endswith("(dictionary)")}
+    for key, result in zip(list(jobs), ex.run(list(jobs.values()), "searches", done)):
+        if key == "standard":
+            searches[key] = dict(result, dictionary_seconds=float("nan"))
+        else:
+            write_dictionary(dictionary[f"{key} (dictionary)"], result, cfg)
+            found[key] = Genotype.from_json(result["genotype"]), result["seconds"]
+
+    jobs = {}
+    if "task_aware" in spaces:
+        search, dictionary_seconds = task_aware_search(data[cfg.TARGET], ranked, found, out / "task_aware", cfg, log)
+        jobs["task_aware"] = submit(f"{cfg.TARGET} (task_aware)", search)
+    if "random" in cfg.ROWS:
+        path = out / "random.json"
+        jobs["random"] = ex.submit("random search", random_search, tasks, cfg.TARGET, searches["standard"],
+                                   utils.read_saved(path, log), path, cfg, ex.device, ex.save, ex.log)
+    for key, result in zip(list(jobs), ex.run(list(jobs.values()), "searches", done)):
+        searches[key] = dict(result, dictionary_seconds=dictionary_seconds) if key == "task_aware" else result
+
     headline = searches[cfg.SPACE]
     utils.write_json(out / "genotype.json", {k: headline[k] for k in ("task", "space", "genotype", "config", "seconds")})
-    log.info("%s: searched genotype in the %s space: %s", cfg.TARGET, cfg.SPACE,
-             "/".join(headline["genotype"]["ops"]))
-    if "random" in cfg.ROWS:
-        with utils.stage(log, "random search"):
-            searches["random"] = random_search(data, searches["standard"], out, cfg, device, log)
+    log.info("%s: searched genotype in the %s space: %s", cfg.TARGET, cfg.SPACE, "/".join(headline["genotype"]["ops"]))
     return searches
 
 
@@ -719,16 +796,19 @@ def main(argv=None):
     out = Path(cfg.CKPT_DIR) / "search" / cfg.TARGET
     start = time.perf_counter()
     with utils.stage(log, "data"):
-        data = utils.load_task(cfg.TARGET, cfg, log)
-    ranked = closest_tasks(cfg, data, log) if "task_aware" in needed_spaces(cfg) else None  # fails before any work
-    searches = run_searches(data, ranked, out, cfg, device, log)
-    records = {}
-    for row in cfg.ROWS:
-        with utils.stage(log, f"row {row}"):
-            records[row] = run_row(row, data, searches, out, cfg, device, log)
+        data = {cfg.TARGET: utils.load_task(cfg.TARGET, cfg, log)}
+    ranked = closest_tasks(cfg, data[cfg.TARGET], log) if "task_aware" in needed_spaces(cfg) else None  # fails first
+    data.update({r["task"]: utils.load_task(r["task"], cfg, log) for r in ranked or []})
+    with executor.start(cfg, device, log) as ex:
+        tasks = ex.share(lambda: data)  # one copy of the images for every unit
+        with utils.stage(log, "searches"):
+            searches = run_searches(ex, tasks, data, ranked, out, cfg, log)
+        with utils.stage(log, "rows"):
+            records = run_rows(ex, tasks, data[cfg.TARGET], searches, out, cfg, log)
     table = write_table(records, searches, out, cfg, log) if records else None
     log.info("total wall-clock %.1f s", time.perf_counter() - start)
     return table
 
 if __name__ == "__main__":
-    utils.run(main)
+    import model_FUSE  # run the importable module, whose units Ray's workers can import too
+    utils.run(model_FUSE.main)

@@ -26,6 +26,7 @@ from matplotlib.figure import Figure
 from torch.nn.utils import prune
 from tqdm import tqdm
 
+import executor
 import train_task
 import utils
 from models import TransferNet
@@ -86,6 +87,11 @@ THREADS = 0               # CPU threads (0 = torch's default); two runs of one t
                           # faster together than one of two (speed only; the last bits of results may differ)
 EVAL_BATCH = 1024         # rows per forward pass when extracting features (speed only: 4096 was no faster and raised
                           # step 2's peak memory by 0.4 GB)
+EXECUTOR = "local"        # where the units (a pair, a network's features on a dataset) run: "local" (here, one after
+                          # another) or "ray"
+RAY_ADDRESS = ""          # with "ray": "" starts Ray on this machine; else a cluster's address (README, Scaling out)
+CPUS_PER_UNIT = 1         # with "ray": CPU threads of each unit ...
+GPUS_PER_UNIT = 0         # ... and its GPUs (1 on a GPU machine: one unit per GPU)
 
 # named sets of constants (--PRESET=name); precedence: the constants above < the preset < --NAME=value
 PRESETS = {
@@ -107,6 +113,7 @@ FISHER_KEYS = frozenset({"SEED", "VAL_FRACTION", "TRAIN_LIMIT", "FISHER_SAMPLES"
 
 
 def check_config(cfg):
+    executor.check_config(cfg)
     for name, valid in CHOICES.items():
         if getattr(cfg, name) not in valid:
             raise utils.UserError(f"{name}={getattr(cfg, name)!r}: use one of {', '.join(valid)}")
@@ -144,29 +151,10 @@ def load_network(name, data, cfg, device):
     return model.to(device).eval(), ckpt
 
 
-class FeatureCache:
-    """Encoder features of networks on one dataset's images: those of the `keep` networks (the targets') for
-    as long as the dataset is in use, of any other only until another is asked for. Pairs that take their
-    sources one at a time thus extract each network once per dataset, and hold one source's features.
-
-    Features are float32 exactly as the encoder gives them, for the same images in the same order.
-    """
-
-    def __init__(self, batch, precision="fp32", keep=()):
-        self.batch, self.precision, self.keep, self.dataset, self.store = batch, precision, set(keep), None, {}
-
-    def get(self, network, data, load):
-        """The network's features of data's training and validation images; load() gives its encoder,
-        called only to extract them."""
-        if data.task.dataset != self.dataset:  # a new dataset: the old features are not needed again
-            self.dataset, self.store = data.task.dataset, {}
-        if network not in self.store:
-            if network not in self.keep:  # a new source: the one before it is done
-                self.store = {n: f for n, f in self.store.items() if n in self.keep}
-            encoder = load()
-            self.store[network] = tuple(utils.predict(encoder, split.x, self.batch, self.precision)
-                                        for split in (data.train, data.val))
-        return self.store[network]
+def features(encoder, images, batch, precision, device):
+    """A unit: an encoder's float32 features of a dataset's (training, validation) images, in their order."""
+    encoder = encoder.to(device)
+    return tuple(utils.predict(encoder, x, batch, precision) for x in images)
 
 
 @dataclass
@@ -540,26 +528,40 @@ def task_fisher(network, data, cfg):
     return fisher_diagonal(model, x, y, names, precision=cfg.PRECISION)
 
 
+def own_fisher(target, network, tasks, cfg, device):
+    """A unit: F of the target's own network for its task."""
+    return task_fisher(network.to(device), tasks[target], cfg)
+
+
+def fisher_unit(source, target, config, network, tasks, own, cfg, device):
+    """A unit: d_F(source -> target) from the source network's F on the target's task and the target's own F."""
+    tick = time.perf_counter()
+    distance = 0.0 if source == target else fisher_distance(task_fisher(network.to(device), tasks[target], cfg), own)
+    return dict(source=source, target=target, config=config, distance=distance, seconds=time.perf_counter() - tick,
+                device=str(device))
+
+
 def fisher_pairs(network, data, cfg, out, device, log):
     """d_F(source -> target) for every source and target, each saved to fisher/<source>__<target>.json."""
-    own = {}  # F of the target's own network: computed once per target, when a pair needs it
-
-    def measure(source, target, config):
-        tick = time.perf_counter()
-        if target not in own:
-            own.clear()
-            own[target] = task_fisher(network(target), data[target], cfg)
-        distance = 0.0 if source == target else fisher_distance(
-            task_fisher(network(source), data[target], cfg), own[target])
-        result = dict(source=source, target=target, config=config, distance=distance,
-                      seconds=time.perf_counter() - tick, device=str(device))
-        utils.write_json(out / "fisher" / f"{pair_name(source, target)}.json", result)
-        log.info("d_F(%s → %s) = %.4f, %.1f s", source, target, distance, result["seconds"])
+    def done(name, result):
+        utils.write_json(out / "fisher" / f"{pair_name(result['source'], result['target'])}.json", result)
+        log.info("d_F(%s → %s) = %.4f, %.1f s", result["source"], result["target"], result["distance"],
+                 result["seconds"])
         return result
 
+    def measure(missing):
+        with executor.start(cfg, device, log) as ex:
+            tasks, net = ex.share(lambda: data), functools.cache(lambda name: ex.share(network, name))
+            own = {t: ex.submit(f"F of {t}", own_fisher, t, net(t), tasks, cfg, ex.device)  # once per target
+                   for t in dict.fromkeys(t for s, t, _ in missing if s != t)}
+            jobs = [ex.submit(f"d_F({s} → {t})", fisher_unit, s, t, c, net(s), tasks, own.get(t), cfg, ex.device)
+                    for s, t, c in missing]
+            del own, net  # a target's F is held by its pending units only
+            return ex.run(jobs, "Fisher pairs", done)
+
     config = {k: getattr(cfg, k) for k in sorted(FISHER_KEYS)}
-    pairs = [(s, t) for t in cfg.TARGETS for s in cfg.SOURCES]  # target by target: its own F once
-    return each_pair(out / "fisher", config, pairs, cfg, log, measure, "Fisher pairs")
+    pairs = [(s, t) for t in cfg.TARGETS for s in cfg.SOURCES]
+    return each_pair(out / "fisher", config, pairs, cfg, log, measure)
 
 
 def agreement(transfer, fisher, k):
@@ -669,17 +671,20 @@ def pair_config(config, source, target, cfg):
     return dict(config, source=source, target=target, source_net=s_net, target_net=t_net, target_data=t_data)
 
 
-def each_pair(folder, config, pairs, cfg, log, measure, desc):
+def each_pair(folder, config, pairs, cfg, log, measure):
     """Every (source, target) of `pairs`' result, in that order: read back from folder/<source>__<target>.json when it was saved
-    with these settings and networks, else measure(source, target, its config), which saves it. Then the pairs
-    of SOURCES that earlier runs saved there for other targets, still valid: they stay in the matrix and in
-    the closest lists."""
-    results = []
-    for source, target in tqdm(pairs, desc=desc, unit="pair"):
+    with these settings and networks, else measured by measure(missing), which saves them (missing: their
+    (source, target, config), in order; it returns their results in that order). Then the pairs of SOURCES that
+    earlier runs saved there for other targets, still valid: they stay in the matrix and in the closest lists."""
+    saved, missing = {}, []
+    for source, target in pairs:
         here = pair_config(config, source, target, cfg)
-        saved = utils.load_current(folder / f"{pair_name(source, target)}.json", here, log)
-        results.append(measure(source, target, here) if saved is None else saved)
-    done = {(r["source"], r["target"]) for r in results}
+        saved[source, target] = utils.load_current(folder / f"{pair_name(source, target)}.json", here, log)
+        if saved[source, target] is None:
+            missing.append((source, target, here))
+    measured = dict(zip([(s, t) for s, t, _ in missing], measure(missing) if missing else []))
+    results = [saved[pair] or measured[pair] for pair in pairs]
+    done = set(pairs)
     for path in sorted(folder.glob("*.json")):
         source, _, target = path.stem.partition("__")
         if source not in cfg.SOURCES or (source, target) in done or target not in utils.TASK_REGISTRY or \
@@ -736,7 +741,7 @@ def main(argv=None):
     # check every network before any work, so a missing one fails at once and writes nothing
     data = {name: utils.load_task(name, cfg, log) for name in dict.fromkeys(cfg.SOURCES + cfg.TARGETS)}
     metrics = {name: load_network(name, data[name], cfg, device)[1]["metrics"] for name in data}
-    network = lambda name: load_network(name, data[name], cfg, device)[0]  # loaded when needed: 103 MB each
+    network = lambda name: load_network(name, data[name], cfg, torch.device("cpu"))[0]  # when needed: 103 MB each
     results = []
     if cfg.DISTANCE != "fisher":
         with utils.stage(log, "transfer distances"):
@@ -760,14 +765,41 @@ def transfer_pairs(network, metrics, data, cfg, out, device, log):
     config = {k: getattr(cfg, k) for k in sorted(PAIR_KEYS)}
     if cfg.STOP == "level":
         config["stop_level"] = round(level, 6)  # the dictionary's networks set it
-    cache = FeatureCache(cfg.EVAL_BATCH, cfg.PRECISION, keep=cfg.TARGETS)
     datasets = sorted({data[t].task.dataset for t in cfg.TARGETS})  # one dataset's features at a time, in which
     pairs = [(s, t) for d in datasets for s in cfg.SOURCES for t in cfg.TARGETS if data[t].task.dataset == d]
     # one source at a time: its features are extracted once and dropped after its last target
-    head = functools.cache(lambda target: network(target).head)  # read once per target, not once per pair
-    measure = lambda source, target, here: run_pair(source, target, network, head, data, cache, here, cfg, device,
-                                                    out, log, level)
-    return [decide(r, level, cfg.PERFORMANCE) for r in each_pair(out / "pairs", config, pairs, cfg, log, measure, "pairs")]
+
+    def done(name, measured):
+        result, state = measured
+        utils.save_checkpoint(state, out / "transfer" / f"{pair_name(result['source'], result['target'])}.pt")
+        utils.write_json(out / "pairs" / f"{pair_name(result['source'], result['target'])}.json", result)
+        log.info("%s: measured %.2f %% kept (unpruned transfer: %s %.2f, MSE %.4f), %.1f s", name,
+                 result["measured_distance"], cfg.PERFORMANCE, result["unpruned"][cfg.PERFORMANCE],
+                 result["unpruned"]["mse"], result["seconds"])
+        return result
+
+    def measure(missing):
+        with executor.start(cfg, device, log) as ex:
+            return ex.run(pair_units(ex, missing, network, data, cfg, level), "pairs", done)
+    return [decide(r, level, cfg.PERFORMANCE) for r in each_pair(out / "pairs", config, pairs, cfg, log, measure)]
+
+
+def pair_units(ex, missing, network, data, cfg, level):
+    """The units that measure the missing pairs, in order. Each network's features on a dataset's images are a
+    unit of their own, extracted once and freed when the last pair that reads them is done; the images and
+    each encoder are shared, and each target's head is read once."""
+    by_dataset = {d.task.dataset: (d.train.x, d.val.x) for d in data.values()}  # every task of a dataset: its images
+    images = functools.cache(lambda dataset: ex.share(lambda: by_dataset[dataset]))
+    encoder = functools.cache(lambda name: ex.share(lambda: network(name).encoder))
+    head = functools.cache(lambda target: network(target).head)
+
+    @functools.cache
+    def feats(name, dataset):
+        return ex.submit(f"features of {name} on {dataset}", features, encoder(name), images(dataset),
+                         cfg.EVAL_BATCH, cfg.PRECISION, ex.device)
+
+    return [ex.submit(f"{s} → {t}", pair_unit, s, t, c, feats(s, data[t].task.dataset), feats(t, data[t].task.dataset),
+                      head(t), data[t].train.y, data[t].val.y, cfg, ex.device, level) for s, t, c in missing]
 
 
 def write_fisher_outputs(fisher, transfer, cfg, out, log):
@@ -791,23 +823,16 @@ def write_fisher_outputs(fisher, transfer, cfg, out, log):
                  table.to_string(index=False, float_format="{:.3f}".format))
 
 
-def run_pair(source, target, network, head, data, cache, config, cfg, device, out, log, level):
-    """Measure one pair and save it (its JSON, then the pruned transfer net)."""
+def pair_unit(source, target, config, source_feats, target_feats, head, labels, labels_val, cfg, device, level):
+    """A unit: measure one pair; its result and the state of its sparsest transfer net that kept performance."""
     tick = time.perf_counter()
-    feats = [cache.get(n, data[target], lambda n=n: network(n).encoder) for n in (source, target)]
-    extract = time.perf_counter() - tick
     with tqdm(desc=f"{source} → {target}", unit="level", leave=False) as bar:
-        result, state = measure_pair(*feats, head(target), data[target].train.y, data[target].val.y,
-                                     cfg, device, bar, level)
-    result = dict(source=source, target=target, config=config, **result, seconds=time.perf_counter() - tick,
-                  extract_seconds=extract, device=str(device))
-    utils.save_checkpoint(state, out / "transfer" / f"{pair_name(source, target)}.pt")
-    utils.write_json(out / "pairs" / f"{pair_name(source, target)}.json", result)
-    log.info("%s → %s: measured %.2f %% kept (unpruned transfer: %s %.2f, MSE %.4f), %.1f s", source, target,
-             result["measured_distance"], cfg.PERFORMANCE, result["unpruned"][cfg.PERFORMANCE],
-             result["unpruned"]["mse"], result["seconds"])
-    return result
+        result, state = measure_pair(source_feats, target_feats, head.to(device), labels, labels_val, cfg, device,
+                                     bar, level)
+    return dict(source=source, target=target, config=config, **result, seconds=time.perf_counter() - tick,
+                device=str(device)), state
 
 
 if __name__ == "__main__":
-    utils.run(main)
+    import prune_transform  # run the importable module, whose units Ray's workers can import too
+    utils.run(prune_transform.main)

@@ -9,6 +9,7 @@ from dataclasses import asdict
 
 import pandas as pd
 
+import executor
 import utils
 from models import BaseCNN
 
@@ -27,6 +28,10 @@ BATCH_SIZE = 64         # paper: 64
 LR = 1e-3               # paper: Adam, lr 1e-3
 PRECISION = "fp32"      # fp32 | bf16: forward passes under torch.autocast (weights and metrics stay fp32)
 EVAL_BATCH = 1000       # images per forward pass when evaluating (speed only)
+EXECUTOR = "local"      # where the units (one task each) run: "local" (here, one after another) or "ray"
+RAY_ADDRESS = ""        # with "ray": "" starts Ray on this machine; else a cluster's address (README, Scaling out)
+CPUS_PER_UNIT = 1       # with "ray": CPU threads of each unit ...
+GPUS_PER_UNIT = 0       # ... and its GPUs (1 on a GPU machine: one unit per GPU)
 
 # named sets of constants (--PRESET=name); precedence: the constants above < the preset < --NAME=value
 PRESETS = {
@@ -58,38 +63,48 @@ def network_from(ckpt):
     return model
 
 
+def train_unit(tasks, name, cfg, device):
+    """A unit: train one task's network; what its checkpoint holds besides the run's config."""
+    data = tasks[name]
+    start = time.perf_counter()
+    model, metrics = train_network(data, cfg, device)
+    return {"task": name, "task_spec": asdict(data.task), "num_classes": data.task.num_classes,
+            "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "metrics": metrics,
+            "data_fingerprint": data.fingerprint, "environment": utils.environment(device),
+            "seconds": time.perf_counter() - start}
+
+
 def main(argv=None):
-    cfg, device, log = utils.start_script("train_task", globals(), argv)
+    cfg, device, log = utils.start_script("train_task", globals(), argv, executor.check_config)
     utils.warn_paper_on_cpu(cfg, device, log, f"about {len(cfg.TASKS) * CPU_MINUTES_PER_TASK:.0f} min "
                                               f"({len(cfg.TASKS)} tasks, {CPU_MINUTES_PER_TASK} min each on full data)")
     config = utils.result_config(cfg)
-    rows = []
+    rows, todo = {}, {}
     for name in cfg.TASKS:
         data = utils.load_task(name, cfg, log)
-        path = checkpoint_path(cfg.CKPT_DIR, name)
-        old = utils.read_saved(path, log)
+        old = utils.read_saved(checkpoint_path(cfg.CKPT_DIR, name), log)
         if utils.made_with(old, config) and old.get("data_fingerprint") == data.fingerprint:
             log.info("%s: finished earlier with the same config and data, skipped", name)
-            rows.append({"task": name, **old["metrics"], "seconds": old["seconds"], "status": "skipped"})
+            rows[name] = {"task": name, **old["metrics"], "seconds": old["seconds"], "status": "skipped"}
             continue
         if old:
             changed = sorted(k for k in config if old.get("config", {}).get(k) != config[k])
             log.info("%s: checkpoint made with other %s, retraining", name,
                      ", ".join(changed) if changed else "data")
-        start = time.perf_counter()
-        model, metrics = train_network(data, cfg, device)
-        seconds = time.perf_counter() - start
-        utils.save_checkpoint({
-            "task": name, "task_spec": asdict(data.task),
-            "num_classes": data.task.num_classes,
-            "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-            "config": config, "metrics": metrics, "data_fingerprint": data.fingerprint,
-            "environment": utils.environment(device), "seconds": seconds}, path)
-        log.info("%s: %d train images, test error %.2f %% (balanced %.2f %%, AUROC %.4f), %.1f s",
-                 name, len(data.train.x), metrics["test_error"], metrics["test_balanced_error"],
-                 metrics["test_auroc"], seconds)
-        rows.append({"task": name, **metrics, "seconds": seconds, "status": "trained"})
-    table = pd.DataFrame(rows).set_index("task")
+        todo[name] = data
+
+    def done(name, ckpt):
+        utils.save_checkpoint(dict(ckpt, config=config), checkpoint_path(cfg.CKPT_DIR, name))
+        metrics = ckpt["metrics"]
+        log.info("%s: %d train images, test error %.2f %% (balanced %.2f %%, AUROC %.4f), %.1f s", name,
+                 len(todo[name].train.x), metrics["test_error"], metrics["test_balanced_error"], metrics["test_auroc"],
+                 ckpt["seconds"])
+        rows[name] = {"task": name, **metrics, "seconds": ckpt["seconds"], "status": "trained"}
+
+    with executor.start(cfg, device, log) as ex:
+        tasks = ex.share(dict, todo)  # one copy of each dataset's images for every unit
+        ex.run([ex.submit(name, train_unit, tasks, name, cfg, ex.device) for name in todo], "tasks", done)
+    table = pd.DataFrame([rows[name] for name in cfg.TASKS]).set_index("task")
     utils.atomic_write(f"{cfg.CKPT_DIR}/tasks/summary.csv", lambda tmp: table.to_csv(tmp))
     shown = table[["test_error", "test_balanced_error", "test_auroc", "val_error", "seconds", "status"]]
     log.info("summary (also in %s/tasks/summary.csv):\n%s", cfg.CKPT_DIR,
@@ -99,4 +114,5 @@ def main(argv=None):
 
 if __name__ == "__main__":
     utils.keep_freed_memory()  # only when run as a script: a process that imports this module keeps its malloc
-    utils.run(main)
+    import train_task  # run the importable module, whose units Ray's workers can import too
+    utils.run(train_task.main)

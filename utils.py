@@ -29,7 +29,7 @@ import torch
 
 # constants that change where or how fast a run goes, never its numbers
 NON_RESULT_KEYS = {"PRESET", "DATA_DIR", "CKPT_DIR", "DEVICE", "DOWNLOAD", "EVAL_BATCH", "THREADS",
-                   "TASKS", "SOURCES", "TARGETS"}
+                   "TASKS", "SOURCES", "TARGETS", "EXECUTOR", "RAY_ADDRESS", "CPUS_PER_UNIT", "GPUS_PER_UNIT"}
 
 
 class UserError(Exception):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import executor
 import model_FUSE
 import utils
 from models import FuseMixture, Genotype, build_network, standard_space
@@ -119,7 +120,8 @@ def search_in(folder, cfg, rounds=3, task="synthetic"):
     train, val = brightness_splits(64, 32)
     data = type("Data", (), {"fingerprint": "synthetic", "task": utils.Task("mnist")})()
     search = model_FUSE.standard_search(task, data, rounds, folder, cfg)
-    return model_FUSE.fuse_search(search, train, val, cfg, torch.device("cpu"), logging.getLogger("test"))
+    return model_FUSE.fuse_search(search, train, val, model_FUSE.saved_rounds(folder), cfg, torch.device("cpu"),
+                                  executor.store, logging.getLogger("test"))
 
 
 def round_files(folder):
@@ -332,7 +334,7 @@ def test_main_smoke_writes_table_and_plots_and_never_searches_on_test(data_dir, 
     test_reads = [stack for name, what, stack in reads if name.endswith(".test") and what == "x"]
     assert len(test_reads) == 8
     assert all("retrain" in stack for stack in test_reads)
-    searching = ("fuse_search", "random_search", "random_trial", "dictionary_genotype")
+    searching = ("fuse_search", "search_unit", "random_search", "random_trial")
     assert not any(f in stack for name, _, stack in reads if name.endswith(".test") for f in searching)
     assert any("train_alpha" in stack for name, _, stack in reads if name.endswith(".val"))
 

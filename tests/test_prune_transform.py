@@ -1,12 +1,15 @@
 """Step 2: transfer nets, pruning sweep, distance matrix, resume and the checks on step-1 inputs."""
 import json
 import shutil
+import weakref
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 import torch
 
+import executor
 import prune_transform
 import train_task
 import utils
@@ -301,7 +304,7 @@ def test_features_are_the_encoders_float_output_on_the_same_images(setup):
     device = torch.device("cpu")
     task = utils.load_task("mnist1", cfg)
     net, _ = prune_transform.load_network("mnist0", utils.load_task("mnist0", cfg), cfg, device)
-    train, val = prune_transform.FeatureCache(64).get("mnist0", task, lambda: net.encoder)
+    train, val = prune_transform.features(net.encoder, (task.train.x, task.val.x), 64, "fp32", device)
     with torch.inference_mode():
         expected = net.encoder(task.train.x)
     assert train.dtype == torch.float32
@@ -310,27 +313,33 @@ def test_features_are_the_encoders_float_output_on_the_same_images(setup):
     assert len(train) == len(task.train.x) and len(val) == len(task.val.x)
 
 
-def test_feature_cache_keeps_the_targets_and_one_source():
-    """Sources taken one at a time: each network's features are extracted once, and one source's are held."""
-    calls = []
+def test_features_are_extracted_once_per_network_and_dataset_and_freed_after_their_last_pair(monkeypatch):
+    """Locally the pairs run in order, a source's features are extracted at its first pair, the targets' once, and
+    a source's are no longer held once its last pair is done."""
+    calls, alive = [], weakref.WeakSet()
 
-    class Encoder(torch.nn.Module):
-        def __init__(self, name):
-            super().__init__()
-            self.name, self.scale = name, torch.nn.Parameter(torch.ones(()))  # predict() reads the device off it
+    class Features:  # what a features unit returns, weakly referenced to see when it is freed
+        pass
 
-        def forward(self, x):
-            calls.append(self.name)
-            return x.flatten(1)
+    def extract(encoder, images, batch, precision, device):
+        calls.append(encoder)
+        out = Features()
+        alive.add(out)
+        return out
 
+    seen = []
+    monkeypatch.setattr(prune_transform, "features", extract)
+    monkeypatch.setattr(prune_transform, "pair_unit", lambda s, t, *a: (seen.append((s, t, len(alive))), ({}, {}))[1])
     split = utils.Split(torch.rand(6, 1, 2, 2), torch.zeros(6, dtype=torch.long))
-    data = utils.TaskData("t", utils.get_task("mnist0"), split, split, split, "", "")
-    cache = prune_transform.FeatureCache(64, keep={"t"})
-    for source in ("a", "a", "b"):
-        for network in (source, "t"):
-            cache.get(network, data, lambda: Encoder(network))
-    assert calls == ["a", "a", "t", "t", "b", "b"]  # train and validation of each, once
-    assert set(cache.store) == {"t", "b"}
+    data = {n: utils.TaskData(n, utils.get_task(n), split, split, split, "", "") for n in ("mnist0", "mnist1", "mnist2")}
+    missing = [(s, "mnist2", {}) for s in ("mnist0", "mnist1")]
+    ex = executor.Local(torch.device("cpu"), None)
+    cfg = utils.configure(vars(prune_transform), [])
+    jobs = prune_transform.pair_units(ex, missing, lambda name: SimpleNamespace(encoder=name, head=torch.nn.Identity()),
+                                      data, cfg, None)
+    ex.run(jobs, "pairs", lambda name, result: result)
+    assert calls == ["mnist0", "mnist2", "mnist1"]  # the target's features once, for both sources
+    assert seen == [("mnist0", "mnist2", 2), ("mnist1", "mnist2", 2)]  # mnist0's were freed before mnist1's pair
 
 
 def test_resume_after_a_kill_gives_the_same_matrix(setup, full_run, tmp_path, monkeypatch, run):
@@ -388,8 +397,8 @@ def test_a_retrained_network_invalidates_its_pairs(setup, full_run, tmp_path, mo
     ckpt["state_dict"]["head.bias"] += 1.0  # as if retrained: same config and data, other weights
     utils.save_checkpoint(ckpt, path)
     calls = []
-    original = prune_transform.run_pair
-    monkeypatch.setattr(prune_transform, "run_pair", lambda source, *a: calls.append(source) or original(source, *a))
+    original = prune_transform.pair_unit
+    monkeypatch.setattr(prune_transform, "pair_unit", lambda source, *a: calls.append(source) or original(source, *a))
     run(data, tmp_path, SOURCES, TARGETS)
     assert calls == ["tshirt", "tshirt"]  # its pairs with both targets, nothing else
 

@@ -1,0 +1,111 @@
+"""EXECUTOR = "ray": the three steps write the same files as the local executor, a killed Ray run of step 2
+resumes to the same matrix, and a unit's bad input stops the run with its own message."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import executor
+import model_FUSE
+import prune_transform
+import train_task
+import utils
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "data"  # the bundled sample
+TASKS = ["mnist0", "tshirt", "trouser", "sandal"]
+STEPS = [(train_task, [f"--TASKS={TASKS}"]),
+         (prune_transform, ["--SOURCES=['mnist0', 'tshirt', 'trouser']", "--TARGETS=['sandal']", "--K=2"]),
+         (model_FUSE, ["--K=2"])]
+RAY = ["--EXECUTOR=ray", "--CPUS_PER_UNIT=1"]
+CLOCKS = {"seconds", "device", "environment", "Search (s)", "Dictionary (s)", "Retrain (s)", "Device"}
+
+
+def run(module, ckpt, *args):
+    return module.main([f"--DATA_DIR={DATA}", f"--CKPT_DIR={ckpt}", "--PRESET=smoke", "--DEVICE=cpu", *args])
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    """The three steps with the local executor, one thread as a Ray unit has (threads can move the last bits)."""
+    ckpt = tmp_path_factory.mktemp("local")
+    threads, all_threads = torch.get_num_threads(), model_FUSE.ALL_THREADS
+    torch.set_num_threads(1)
+    model_FUSE.ALL_THREADS = 1
+    try:
+        for module, args in STEPS:
+            run(module, ckpt, *args)
+    finally:
+        torch.set_num_threads(threads)
+        model_FUSE.ALL_THREADS = all_threads
+    return ckpt
+
+
+def without_clocks(value):
+    if isinstance(value, dict):
+        return {k: without_clocks(v) for k, v in value.items() if k not in CLOCKS}
+    if isinstance(value, list):
+        return [without_clocks(v) for v in value]
+    return value
+
+
+def content(path):
+    """What a result file says, without wall-clocks and machine labels."""
+    if path.suffix == ".json":
+        return without_clocks(json.loads(path.read_text()))
+    if path.suffix == ".csv":
+        return pd.read_csv(path).drop(columns=list(CLOCKS), errors="ignore").to_dict("list")
+    saved = torch.load(path, weights_only=True)
+    weights = saved.get("state_dict", saved)
+    return without_clocks({k: v for k, v in saved.items() if k != "state_dict"}), \
+        {k: v.tolist() for k, v in weights.items()}
+
+
+def results(ckpt):
+    return {str(p.relative_to(ckpt)): p for p in sorted(ckpt.rglob("*")) if p.suffix in (".json", ".csv", ".pt")}
+
+
+def test_ray_writes_what_the_local_executor_writes_and_a_killed_step_2_resumes(local, tmp_path):
+    run(train_task, tmp_path, *STEPS[0][1], *RAY)
+    # step 2 on Ray in its own process, killed once its first pair is written
+    args = [f"--DATA_DIR={DATA}", f"--CKPT_DIR={tmp_path}", "--PRESET=smoke", "--DEVICE=cpu", *STEPS[1][1], *RAY]
+    process = subprocess.Popen([sys.executable, "prune_transform.py", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    pairs = tmp_path / "distances" / "pairs"
+    deadline = time.monotonic() + 600
+    while not list(pairs.glob("*.json")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    _, err = process.communicate()
+    first = list(pairs.glob("*.json"))
+    assert len(first) == 1, err[-2000:]  # killed part-way: one of three pairs written
+    written = first[0].stat().st_mtime_ns
+    run(prune_transform, tmp_path, *STEPS[1][1], *RAY)
+    assert first[0].stat().st_mtime_ns == written  # the rerun skipped the finished pair
+    run(model_FUSE, tmp_path, *STEPS[2][1], *RAY)
+
+    ours, theirs = results(tmp_path), results(local)
+    assert set(ours) - {"logs"} == set(theirs)
+    assert {"tasks/sandal.pt", "distances/matrix.csv", "distances/transfer/tshirt__sandal.pt",
+            "search/sandal/task_aware/round_02.json", "search/sandal/random.json",
+            "search/sandal/rows/resnet18_seed0.json", "search/sandal/table.csv"} <= set(ours)
+    for name in theirs:
+        assert content(ours[name]) == content(theirs[name]), name
+
+
+def test_a_units_bad_input_stops_a_ray_run_with_its_message(tmp_path):
+    def bad(*args):
+        raise utils.UserError("this unit's input is bad")
+    ex = executor.Ray(utils.configure(vars(prune_transform), RAY), torch.device("cpu"), utils.start_run(
+        "test", utils.configure(vars(prune_transform), [f"--CKPT_DIR={tmp_path}"]), torch.device("cpu")))
+    try:
+        with pytest.raises(utils.UserError, match="this unit's input is bad"):
+            ex.run([ex.submit("bad", bad)], "units", lambda name, result: result)
+    finally:
+        ex.close()
