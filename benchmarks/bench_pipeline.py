@@ -19,7 +19,9 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 
@@ -113,10 +115,23 @@ def train_task_parts(ckpt, full, unit):
 
 
 def extractions(cfg):
-    """Encoder runs of step 2: each network once on each target dataset (prune_transform.FeatureCache)."""
+    """Encoder runs of step 2: each network once on each target dataset (its features are a unit of their own)."""
     datasets = {utils.get_task(t).dataset for t in cfg.TARGETS}
     return sum(len(set(cfg.SOURCES) | {t for t in cfg.TARGETS if utils.get_task(t).dataset == d})
                for d in datasets)
+
+
+def extraction_seconds(ckpt, unit):
+    """The unit pair's two extractions, timed here on its networks and images."""
+    cfg, data = SimpleNamespace(**vars(unit), CKPT_DIR=str(ckpt)), utils.load_task(TARGET, unit)
+    device = utils.get_device(unit.DEVICE)
+    seconds = []
+    for name in (SOURCE, TARGET):
+        net, _ = prune_transform.load_network(name, utils.load_task(name, unit), cfg, device)
+        tick = time.perf_counter()
+        prune_transform.features(net.encoder, (data.train.x, data.val.x), unit.EVAL_BATCH, unit.PRECISION, device)
+        seconds.append(time.perf_counter() - tick)
+    return seconds
 
 
 def prune_transform_parts(ckpt, full, unit):
@@ -126,8 +141,8 @@ def prune_transform_parts(ckpt, full, unit):
     (u_train, u_val, _), (f_train, f_val, _) = split_sizes(unit), split_sizes(full)
     u_epochs = unit.TRANSFER_EPOCHS + (len(pair["curve"]) - 1) * unit.FINETUNE_EPOCHS
     f_epochs = full.TRANSFER_EPOCHS + len(full.PRUNE_LEVELS) * full.FINETUNE_EPOCHS
-    return [([pair["extract_seconds"]], 2 * (u_train + u_val), f_train + f_val, extractions(full)),
-            ([pair["seconds"] - pair["extract_seconds"]], passes(u_train, u_epochs, 0), passes(f_train, f_epochs, 0),
+    return [(extraction_seconds(ckpt, unit), u_train + u_val, f_train + f_val, extractions(full)),
+            ([pair["seconds"]], passes(u_train, u_epochs, 0), passes(f_train, f_epochs, 0),
              len(full.SOURCES) * len(full.TARGETS))]
 
 
@@ -179,7 +194,7 @@ def run_preset(preset, mode, args, tmp):
                    projected_s=wall, unit="whole step")
         if mode == "project":  # the run's time outside the unit's work (start-up, data, reports) is kept
             unit_cfg = utils.configure(vars(STEPS[step]), [f"--PRESET={preset_value(preset)}", f"--DATA_DIR={data}",
-                                                           *overrides])
+                                                           f"--DEVICE={args.device}", *overrides])
             work, projected = project(PARTS[step](ckpt, full_config(step, preset, data), unit_cfg))
             row.update(projected_s=wall - work + projected, unit=UNITS[step])
         rows.append(row)

@@ -6,7 +6,7 @@ Phases: feature extraction (both networks on the target's training and validatio
 the transfer net (--epochs), the pruning sweep (every level of PRUNE_LEVELS, each pruned one-shot from
 the trained net, fine-tuned --finetune-epochs and scored; the tolerance is disabled so that both ways
 run the same levels).
-Ours: prune_transform.FeatureCache (utils.predict under inference_mode), train_transfer and Sweep.
+Ours: prune_transform.features (utils.predict under inference_mode), train_transfer and Sweep.
 Naive: encoder features by a DataLoader of per-image ToTensor batches of 64 under no_grad, kept as
 NumPy arrays; then a per-sample Dataset over those arrays, DataLoader(batch_size=200, shuffle=True),
 plain Adam, the same TransferNet, and torch's L1Unstructured global pruning at every level.
@@ -71,8 +71,8 @@ def levels(cfg):
 
 # ----------------------------------------------------------------------------- ours
 def ours_extract(data, networks, cfg):
-    cache = prune_transform.FeatureCache(cfg.EVAL_BATCH)  # new each run: a warm cache would do nothing
-    return [cache.get(name, data, lambda: net.encoder) for name, net in networks.items()]
+    return [prune_transform.features(net.encoder, (data.train.x, data.val.x), cfg.EVAL_BATCH, cfg.PRECISION,
+                                     next(net.parameters()).device) for net in networks.values()]
 
 
 def make_pair(data, networks, feats, cfg, device):

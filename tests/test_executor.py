@@ -48,23 +48,20 @@ def local(tmp_path_factory):
 
 
 def without_clocks(value):
+    """A result as plain values, without wall-clocks and machine labels."""
     if isinstance(value, dict):
         return {k: without_clocks(v) for k, v in value.items() if k not in CLOCKS}
     if isinstance(value, list):
         return [without_clocks(v) for v in value]
-    return value
+    return value.tolist() if isinstance(value, torch.Tensor) else value
 
 
 def content(path):
-    """What a result file says, without wall-clocks and machine labels."""
     if path.suffix == ".json":
         return without_clocks(json.loads(path.read_text()))
     if path.suffix == ".csv":
-        return pd.read_csv(path).drop(columns=list(CLOCKS), errors="ignore").to_dict("list")
-    saved = torch.load(path, weights_only=True)
-    weights = saved.get("state_dict", saved)
-    return without_clocks({k: v for k, v in saved.items() if k != "state_dict"}), \
-        {k: v.tolist() for k, v in weights.items()}
+        return pd.read_csv(path).drop(columns=list(CLOCKS), errors="ignore").fillna("missing").to_dict("list")
+    return without_clocks(torch.load(path, weights_only=True))
 
 
 def results(ckpt):
