@@ -161,6 +161,7 @@ def run_unit(fn, name, inbox, threads, *args):
     gpu = f" {torch.cuda.get_device_name(device)}" if device is not None and device.type == "cuda" else ""
     send(("start", name, f"{socket.gethostname()}:{os.getpid()}{gpu}"))
     result = fn(*args)
+    send(("end", name))
     ray.get(posted)
     return result
 
@@ -198,14 +199,16 @@ class Ray:
         return ref
 
     def drain(self):
-        """Write the saves and log the lines the units sent; note which unit started where."""
+        """Write the saves and log the lines the units sent; note which units run, and where."""
         for message in self.ray.get(self.inbox.take.remote()):
             if message[0] == "save":
                 store(*message[1:])
             elif message[0] == "log":
                 self.driver_log.info("%s", message[1])
-            else:
+            elif message[0] == "start":
                 self.running[message[1]] = message[2]
+            else:  # a unit ended, also one that others wait for (features)
+                self.running.pop(message[1], None)
 
     def run(self, jobs, desc, done):
         """done(name, result) for every job as it ends; returns what done returned, in the jobs' order. A unit
@@ -224,7 +227,6 @@ class Ray:
                         result = self.ray.get(ref)
                     except self.ray.exceptions.RayTaskError as e:
                         raise (e.cause if isinstance(e.cause, utils.UserError) else e) from None
-                    self.running.pop(name, None)
                     out[ref.hex()] = done(name, result)
                     del result
                     bar.update()

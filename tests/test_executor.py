@@ -1,6 +1,7 @@
 """EXECUTOR = "ray": the three steps write the same files as the local executor, a killed Ray run of step 2
 resumes to the same matrix, and a unit's bad input stops the run with its own message."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -96,13 +97,22 @@ def test_ray_writes_what_the_local_executor_writes_and_a_killed_step_2_resumes(l
         assert content(ours[name]) == content(theirs[name]), name
 
 
-def test_a_units_bad_input_stops_a_ray_run_with_its_message(tmp_path):
-    def bad(*args):
+def test_ray_retries_a_unit_whose_worker_died_and_stops_on_a_units_bad_input(tmp_path):
+    def dies_once(marker):  # its first worker dies (as if killed), its second attempt succeeds
+        if not Path(marker).exists():
+            Path(marker).touch()
+            os._exit(1)
+        return "second attempt"
+
+    def bad_input():
         raise utils.UserError("this unit's input is bad")
-    ex = executor.Ray(utils.configure(vars(prune_transform), RAY), torch.device("cpu"), utils.start_run(
-        "test", utils.configure(vars(prune_transform), [f"--CKPT_DIR={tmp_path}"]), torch.device("cpu")))
-    try:
+
+    cfg = utils.configure(vars(prune_transform), [f"--CKPT_DIR={tmp_path}", *RAY])
+    ex = executor.Ray(cfg, torch.device("cpu"), utils.start_run("test", cfg, torch.device("cpu")))
+    try:  # units defined here go to the workers by value (this test module is not shipped)
+        assert ex.run([ex.submit("dies once", dies_once, str(tmp_path / "died"))], "units",
+                      lambda name, result: result) == ["second attempt"]
         with pytest.raises(utils.UserError, match="this unit's input is bad"):
-            ex.run([ex.submit("bad", bad)], "units", lambda name, result: result)
+            ex.run([ex.submit("bad", bad_input)], "units", lambda name, result: result)
     finally:
         ex.close()
