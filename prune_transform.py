@@ -53,13 +53,15 @@ LR = 1e-3
 LR_SCHEDULE = "cosine"    # cosine: decays to 0 over the training, so it ends at a settled net; constant: the
                           # released code's (its last step can land on a spike: README, interpretation 5)
 PERFORMANCE = "balanced_accuracy"  # what "keeps performance" means, from B's own head on the transferred
-                          # features: balanced_accuracy | accuracy; or "probe": the balanced accuracy of a
-                          # linear classifier trained afresh on them (the released code's check)
+                          # features: balanced_accuracy | accuracy (in %) | auroc (a fraction: blind to the majority
+                          # class and to a pruned net's calibration shift; the distance study favours it with
+                          # TOLERANCE = 0.002, README Step 2); or "probe": the balanced accuracy of a linear
+                          # classifier trained afresh on them (the released code's check)
 PROBE_EPOCHS = 10         # training of that fresh probe (released code: 50)
 FEASIBILITY = "2eps"      # a pair is infeasible when its unpruned transfer performs below 1 - 2 eps ("2eps": the
                           # target network may lose eps and the transfer another eps) or 1 - eps ("eps"), eps the
                           # dictionary's: the largest validation error (in PERFORMANCE) of its base networks; "none"
-TOLERANCE = 1.0           # performance points a pruned transfer may lose against the unpruned one ...
+TOLERANCE = 1.0           # performance (PERFORMANCE's units) a pruned transfer may lose against the unpruned one ...
 STOP = "relative"         # ... ("relative", the authors' README: pruning "without decreasing the performance"), or
                           # "level": a pruned transfer must stay at the feasibility level (the definition's
                           # L_B(N_t o N_A) >= 1 - eps, one bar for the whole dictionary; TOLERANCE unused)
@@ -106,7 +108,7 @@ PAIR_KEYS = frozenset({"SEED", "VAL_FRACTION", "TRAIN_LIMIT", "EVAL_LIMIT", "FEA
                        "BATCH_SIZE", "LR", "LR_SCHEDULE", "TRANSFER_SEED", "PERFORMANCE", "PROBE_EPOCHS",
                        "TOLERANCE", "STOP", "SCHEDULE", "FINETUNE_EPOCHS", "SEARCH", "PRUNE_LEVELS", "REFINE", "PRECISION"})
 CHOICES = {"FEATURES": ("standardized", "raw", "uint8"), "LR_SCHEDULE": ("constant", "cosine"),
-           "PERFORMANCE": ("balanced_accuracy", "accuracy", "probe"), "FEASIBILITY": ("2eps", "eps", "none"), "STOP": ("relative", "level"),
+           "PERFORMANCE": ("balanced_accuracy", "accuracy", "auroc", "probe"), "FEASIBILITY": ("2eps", "eps", "none"), "STOP": ("relative", "level"),
            "SCHEDULE": ("oneshot", "iterative"), "SEARCH": ("bisect", "all"), "PRECISION": utils.PRECISIONS,
            "DISTANCE": ("transfer", "fisher", "both"), "FISHER_PARAMS": ("all", "last")}
 FISHER_KEYS = frozenset({"SEED", "VAL_FRACTION", "TRAIN_LIMIT", "FISHER_SAMPLES", "FISHER_PARAMS", "PRECISION"})
@@ -117,6 +119,9 @@ def check_config(cfg):
     for name, valid in CHOICES.items():
         if getattr(cfg, name) not in valid:
             raise utils.UserError(f"{name}={getattr(cfg, name)!r}: use one of {', '.join(valid)}")
+    if cfg.PERFORMANCE == "auroc" and cfg.TOLERANCE >= 0.5:
+        raise utils.UserError(f"TOLERANCE={cfg.TOLERANCE} with PERFORMANCE='auroc': the AUROC is a fraction (0.5 = "
+                              "chance); give what it may lose, e.g. --TOLERANCE=0.002")
     if cfg.STOP == "level" and cfg.FEASIBILITY == "none":
         raise utils.UserError("STOP='level' stops at the feasibility level: set FEASIBILITY to '2eps' or 'eps'")
     levels = list(cfg.PRUNE_LEVELS)
@@ -586,9 +591,11 @@ def feasibility_level(metrics, cfg):
     at least 1 - eps); None when FEASIBILITY is 'none'."""
     if cfg.FEASIBILITY == "none":
         return None
+    k = 2 if cfg.FEASIBILITY == "2eps" else 1
+    if cfg.PERFORMANCE == "auroc":
+        return 1 - k * max(1 - metrics[s]["val_auroc"] for s in cfg.SOURCES)
     key = "val_error" if cfg.PERFORMANCE == "accuracy" else "val_balanced_error"
-    eps = max(metrics[s][key] for s in cfg.SOURCES)
-    return 100 - (2 if cfg.FEASIBILITY == "2eps" else 1) * eps
+    return 100 - k * max(metrics[s][key] for s in cfg.SOURCES)
 
 
 def decide(result, level, performance):
@@ -760,8 +767,8 @@ def transfer_pairs(network, metrics, data, cfg, out, device, log):
     these settings and networks; with the pairs earlier runs measured for other targets."""
     level = feasibility_level(metrics, cfg)
     if level is not None:
-        log.info("feasibility: an unpruned transfer must reach %.2f %% %s (%s, eps of the dictionary's base networks)",
-                 level, cfg.PERFORMANCE.replace("_", " "), cfg.FEASIBILITY)
+        log.info("feasibility: an unpruned transfer must reach %s %.4g (%s, eps of the dictionary's base networks)",
+                 cfg.PERFORMANCE.replace("_", " "), level, cfg.FEASIBILITY)
     config = {k: getattr(cfg, k) for k in sorted(PAIR_KEYS)}
     if cfg.STOP == "level":
         config["stop_level"] = round(level, 6)  # the dictionary's networks set it

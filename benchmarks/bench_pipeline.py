@@ -123,7 +123,7 @@ def extractions(cfg):
 
 def extraction_seconds(ckpt, unit):
     """The unit pair's two extractions, timed here on its networks and images."""
-    cfg, data = SimpleNamespace(**vars(unit), CKPT_DIR=str(ckpt)), utils.load_task(TARGET, unit)
+    cfg, data = SimpleNamespace(**dict(vars(unit), CKPT_DIR=str(ckpt))), utils.load_task(TARGET, unit)
     device = utils.get_device(unit.DEVICE)
     seconds = []
     for name in (SOURCE, TARGET):

@@ -187,6 +187,22 @@ def test_feasibility_level_comes_from_the_worst_base_network():
     assert prune_transform.feasibility_level(checkpoints, cfg) == 98.0
     cfg = utils.configure(vars(prune_transform), ["--FEASIBILITY=none"])
     assert prune_transform.feasibility_level(checkpoints, cfg) is None
+    for name, auroc in (("a", 0.999), ("b", 0.98), ("c", 0.99)):
+        checkpoints[name]["val_auroc"] = auroc
+    cfg = utils.configure(vars(prune_transform), ["--SOURCES=['a', 'b', 'c']", "--PERFORMANCE=auroc"])
+    assert prune_transform.feasibility_level(checkpoints, cfg) == pytest.approx(0.96)
+
+
+def test_an_auroc_tolerance_stops_where_the_auroc_falls_by_it(monkeypatch):
+    """AUROC 0.99 - 0.008 x sparsity: within 0.002 of the unpruned transfer up to 20 % pruned, however low the
+    balanced accuracy (50: the head's threshold is off)."""
+    monkeypatch.setattr(prune_transform, "evaluate", lambda net, *a: dict(
+        auroc=0.99 - 0.008 * prune_transform.pruned_weights(net) / WEIGHTS, balanced_accuracy=50.0, accuracy=0, mse=0))
+    monkeypatch.setattr(utils, "train_epoch", lambda *a, **k: 0.0)
+    result, _ = sweep("--REFINE=0", "--PERFORMANCE=auroc", "--TOLERANCE=0.002")
+    assert result.line == pytest.approx(0.988) and result.passing == 0.2 and result.failing == 0.4
+    with pytest.raises(utils.UserError, match="the AUROC is a fraction"):
+        prune_transform.check_config(utils.configure(vars(prune_transform), ["--PERFORMANCE=auroc"]))
 
 
 # ----------------------------------------------------------------------------- features
