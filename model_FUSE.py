@@ -750,7 +750,10 @@ def run_searches(ex, tasks, data, ranked, out, cfg, log):
 
     def done(name, result):
         if name in running:
-            write_search(running.pop(name), result)
+            search = running.pop(name)
+            write_search(search, result)
+            if name.endswith("(dictionary)"):
+                write_dictionary(search, result, cfg)
         return result
 
     jobs = {}
@@ -763,12 +766,10 @@ def run_searches(ex, tasks, data, ranked, out, cfg, log):
     if "standard" in spaces:
         jobs["standard"] = submit(f"{cfg.TARGET} (standard)", standard_search(
             cfg.TARGET, data[cfg.TARGET], cfg.ROUNDS, out / "standard", cfg))
-    dictionary = {name: running[name] for name in running if name.endswith("(dictionary)")}
     for key, result in zip(list(jobs), ex.run(list(jobs.values()), "searches", done)):
         if key == "standard":
             searches[key] = dict(result, dictionary_seconds=float("nan"))
         else:
-            write_dictionary(dictionary[f"{key} (dictionary)"], result, cfg)
             found[key] = Genotype.from_json(result["genotype"]), result["seconds"]
 
     jobs = {}

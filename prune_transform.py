@@ -54,8 +54,8 @@ LR_SCHEDULE = "cosine"    # cosine: decays to 0 over the training, so it ends at
                           # released code's (its last step can land on a spike: README, interpretation 5)
 PERFORMANCE = "balanced_accuracy"  # what "keeps performance" means, from B's own head on the transferred
                           # features: balanced_accuracy | accuracy (in %) | auroc (a fraction: blind to the majority
-                          # class and to a pruned net's calibration shift; the distance study favours it with
-                          # TOLERANCE = 0.002, README Step 2); or "probe": the balanced accuracy of a linear
+                          # class and to a pruned net's calibration shift; the distance study favours it with a
+                          # tolerance of 0.002: README, Step 2); or "probe": the balanced accuracy of a linear
                           # classifier trained afresh on them (the released code's check)
 PROBE_EPOCHS = 10         # training of that fresh probe (released code: 50)
 FEASIBILITY = "2eps"      # a pair is infeasible when its unpruned transfer performs below 1 - 2 eps ("2eps": the
