@@ -156,10 +156,39 @@ def load_network(name, data, cfg, device):
     return model.to(device).eval(), ckpt
 
 
-def features(encoder, images, batch, precision, device):
-    """A unit: an encoder's float32 features of a dataset's (training, validation) images, in their order."""
+@dataclass
+class Features:
+    """One network's features of a dataset's (training, validation) images in their FEATURES form, and the map
+    from that form back to the network's feature units."""
+    train: torch.Tensor
+    val: torch.Tensor
+    scale: torch.Tensor | float = 1.0
+    shift: torch.Tensor | float = 0.0
+
+    def readout(self, out):
+        scale, shift = (t.to(out.device) if torch.is_tensor(t) else t for t in (self.scale, self.shift))
+        return out * scale + shift
+
+
+def features(encoder, images, batch, precision, mode, device):
+    """A unit: an encoder's features of a dataset's (training, validation) images, in their order, under
+    FEATURES=mode. Every pair on that dataset reads them as they are, so none makes a copy of its own."""
     encoder = encoder.to(device)
-    return tuple(utils.predict(encoder, x, batch, precision) for x in images)
+    return encode(*(utils.predict(encoder, x, batch, precision) for x in images), mode)
+
+
+def encode(train, val, mode):
+    """float32 encoder outputs in FEATURES=mode's form: "standardized" with the statistics of the training
+    images, "uint8" as the released code cast them (numpy astype(uint8): truncation, wrapping past 255, then
+    / 255), or "raw"."""
+    if mode == "standardized":
+        mean, std = train.mean(0), train.std(0)
+        std = torch.where(std > 0, std, torch.ones_like(std))  # a dead unit stays at 0
+        return Features((train - mean) / std, (val - mean) / std, std, mean)
+    if mode == "uint8":
+        cast = lambda f: torch.remainder(f.floor(), 256) / 255
+        return Features(cast(train), cast(val), 255.0)
+    return Features(train, val)
 
 
 @dataclass
@@ -175,26 +204,11 @@ class Pair:
     head: torch.nn.Module   # the target network's head
 
 
-def _spread(features):
-    mean, std = features.mean(0), features.std(0)
-    return mean, torch.where(std > 0, std, torch.ones_like(std))  # a dead unit stays at 0
-
-
-def make_pair(source_feats, target_feats, head, labels, labels_val, mode, device):
-    """The pair's tensors under FEATURES=mode, on device. Statistics come from B's training images."""
-    (xs, xs_val), (xt, xt_val) = source_feats, target_feats
-    if mode == "standardized":
-        (ms, ss), (mt, st) = _spread(xs), _spread(xt)
-        inputs, targets = (lambda f: (f - ms) / ss), (lambda f: (f - mt) / st)
-        readout = lambda out: out * st.to(out.device) + mt.to(out.device)
-    elif mode == "uint8":  # the released code: numpy astype(uint8) (truncation, wrapping past 255), then / 255
-        inputs = targets = lambda f: torch.remainder(f.floor(), 256) / 255
-        readout = lambda out: out * 255
-    else:
-        inputs = targets = readout = lambda f: f
-    move = lambda t: t.to(device)
-    return Pair(move(inputs(xs)), move(targets(xt)), move(inputs(xs_val)), move(targets(xt_val)),
-                move(labels), move(labels_val), readout, head)
+def make_pair(source, target, head, labels, labels_val, device):
+    """The pair's tensors on device, from the source's and the target's Features of B's images."""
+    move = lambda t: t.to(device)  # no copy where they already are
+    return Pair(move(source.train), move(target.train), move(source.val), move(target.val), move(labels),
+                move(labels_val), target.readout, head)
 
 
 # ----------------------------------------------------------------------------- training and scoring
@@ -399,12 +413,12 @@ class Sweep:
 def measure_pair(source_feats, target_feats, head, labels, labels_val, cfg, device, bar=None, level=None):
     """Train a transfer net from the source's to the target's features, prune it, return the result.
 
-    source_feats / target_feats: (train, val) encoder features of the same target images; labels /
+    source_feats / target_feats: the two networks' Features of the same target images; labels /
     labels_val: the target's labels of them; head: the target network's head; level: the feasibility level
     (STOP = "level" stops there). Returns the result
     and the state of the sparsest transfer net that kept performance.
     """
-    pair = make_pair(source_feats, target_feats, head, labels, labels_val, cfg.FEATURES, device)
+    pair = make_pair(source_feats, target_feats, head, labels, labels_val, device)
     net, optimizer, generator, losses = train_transfer(pair, cfg, device)
     sweep = Sweep(net, optimizer, generator, pair, cfg, device, bar, level)
     state = sweep.run()
@@ -803,7 +817,7 @@ def pair_units(ex, missing, network, data, cfg, level):
     @functools.cache
     def feats(name, dataset):
         return ex.submit(f"features of {name} on {dataset}", features, encoder(name), images(dataset),
-                         cfg.EVAL_BATCH, cfg.PRECISION, ex.device)
+                         cfg.EVAL_BATCH, cfg.PRECISION, cfg.FEATURES, ex.device)
 
     return [ex.submit(f"{s} → {t}", pair_unit, s, t, c, feats(s, data[t].task.dataset), feats(t, data[t].task.dataset),
                       head(t), data[t].train.y, data[t].val.y, cfg, ex.device, level) for s, t, c in missing]

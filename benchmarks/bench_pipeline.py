@@ -129,7 +129,8 @@ def extraction_seconds(ckpt, unit):
     for name in (SOURCE, TARGET):
         net, _ = prune_transform.load_network(name, utils.load_task(name, unit), cfg, device)
         tick = time.perf_counter()
-        prune_transform.features(net.encoder, (data.train.x, data.val.x), unit.EVAL_BATCH, unit.PRECISION, device)
+        prune_transform.features(net.encoder, (data.train.x, data.val.x), unit.EVAL_BATCH, unit.PRECISION,
+                                 unit.FEATURES, device)
         seconds.append(time.perf_counter() - tick)
     return seconds
 

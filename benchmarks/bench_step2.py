@@ -72,11 +72,11 @@ def levels(cfg):
 # ----------------------------------------------------------------------------- ours
 def ours_extract(data, networks, cfg):
     return [prune_transform.features(net.encoder, (data.train.x, data.val.x), cfg.EVAL_BATCH, cfg.PRECISION,
-                                     next(net.parameters()).device) for net in networks.values()]
+                                     cfg.FEATURES, next(net.parameters()).device) for net in networks.values()]
 
 
 def make_pair(data, networks, feats, cfg, device):
-    return prune_transform.make_pair(*feats, networks[TARGET].head, data.train.y, data.val.y, cfg.FEATURES, device)
+    return prune_transform.make_pair(*feats, networks[TARGET].head, data.train.y, data.val.y, device)
 
 
 def ours_phases(data, networks, feats, args):

@@ -212,18 +212,21 @@ def test_standardized_features_and_the_readout_back_to_the_target_units():
     xt[:, 2] = 0  # a dead unit of the target network
     head = torch.nn.Linear(6, 2)
     labels = torch.randint(0, 2, (50,))
-    pair = prune_transform.make_pair((xs, xs[:10]), (xt, xt[:10]), head, labels, labels[:10], "standardized",
-                                     torch.device("cpu"))
+    source, target = (prune_transform.encode(f, f[:10], "standardized") for f in (xs, xt))
+    pair = prune_transform.make_pair(source, target, head, labels, labels[:10], torch.device("cpu"))
+    assert pair.x.data_ptr() == source.train.data_ptr()  # the pair reads the shared features, no copy
     torch.testing.assert_close(pair.x.mean(0), torch.zeros(6), atol=1e-5, rtol=0)
     torch.testing.assert_close(pair.x.std(0), torch.ones(6))
     assert (pair.y[:, 2] == 0).all()
     torch.testing.assert_close(pair.readout(pair.y), xt, atol=1e-5, rtol=0)  # a perfect transfer reads back exactly
+    torch.testing.assert_close(pair.readout(pair.y_val), xt[:10], atol=1e-5, rtol=0)  # the training statistics
 
 
 def test_uint8_features_are_the_released_codes_cast():
     f = torch.tensor([[0.0, 0.7, 1.0, 3.9, 17.2, 256.5]])
     labels = torch.zeros(1, dtype=torch.long)
-    pair = prune_transform.make_pair((f, f), (f, f), None, labels, labels, "uint8", torch.device("cpu"))
+    encoded = prune_transform.encode(f, f, "uint8")
+    pair = prune_transform.make_pair(encoded, encoded, None, labels, labels, torch.device("cpu"))
     expected = torch.tensor([[0, 0, 1, 3, 17, 0]]) / 255  # truncated; 256 wraps to 0 as numpy's cast does
     torch.testing.assert_close(pair.x, expected)
     torch.testing.assert_close(pair.readout(pair.y), expected * 255)
@@ -320,7 +323,8 @@ def test_features_are_the_encoders_float_output_on_the_same_images(setup):
     device = torch.device("cpu")
     task = utils.load_task("mnist1", cfg)
     net, _ = prune_transform.load_network("mnist0", utils.load_task("mnist0", cfg), cfg, device)
-    train, val = prune_transform.features(net.encoder, (task.train.x, task.val.x), 64, "fp32", device)
+    encoded = prune_transform.features(net.encoder, (task.train.x, task.val.x), 64, "fp32", "raw", device)
+    train, val = encoded.train, encoded.val
     with torch.inference_mode():
         expected = net.encoder(task.train.x)
     assert train.dtype == torch.float32
@@ -337,7 +341,7 @@ def test_features_are_extracted_once_per_network_and_dataset_and_freed_after_the
     class Features:  # what a features unit returns, weakly referenced to see when it is freed
         pass
 
-    def extract(encoder, images, batch, precision, device):
+    def extract(encoder, images, batch, precision, mode, device):
         calls.append(encoder)
         out = Features()
         alive.add(out)
