@@ -1,7 +1,8 @@
 """End to end: wall-clock and peak memory (RSS) of each step of a preset, run as a user runs it.
 
 python benchmarks/bench_pipeline.py [--size=smoke|full] [--presets plain paper] [--mode=auto|measure|project]
-Each step is its own process (train_task.py, prune_transform.py, model_FUSE.py) with the preset,
+Each step is its own process (train_task.py, prune_transform.py, model_FUSE.py) with the preset, PRECISION
+(each of --precision's, a chain of its own),
 a DATA_DIR and a temporary CKPT_DIR: `plain` (no preset) and `smoke` on a DATA_DIR holding only the bundled
 sample, `paper` on --data (full MNIST / Fashion-MNIST).
 measure: the whole preset is run.
@@ -65,7 +66,7 @@ def run_step(step, preset, data, ckpt, overrides, args, tmp):
     """Wall-clock seconds and peak RSS (MiB) of one step's process."""
     cmd = [sys.executable, f"{step}.py", f"--PRESET={preset_value(preset)}", f"--DATA_DIR={data}", f"--CKPT_DIR={ckpt}",
            f"--DEVICE={args.device}", *overrides]
-    return common.run_child(cmd, tmp / f"{preset}_{step}.log")
+    return common.run_child(cmd, tmp / f"{ckpt.name}_{step}.log")
 
 
 def preset_value(preset):
@@ -185,11 +186,11 @@ def project(parts):
 
 
 # ----------------------------------------------------------------------------- runs
-def run_preset(preset, mode, args, tmp):
-    data, ckpt = data_dir(preset, args, tmp), tmp / f"ckpt_{preset}"
+def run_preset(preset, mode, precision, args, tmp):
+    data, ckpt = data_dir(preset, args, tmp), tmp / f"ckpt_{preset}_{precision}"
     rows = []
     for number, step in enumerate(STEPS, start=1):
-        overrides = unit_overrides(step, preset, args) if mode == "project" else []
+        overrides = [f"--PRECISION={precision}", *(unit_overrides(step, preset, args) if mode == "project" else [])]
         wall, rss = run_step(step, preset, data, ckpt, overrides, args, tmp)
         row = dict(preset=preset, step=number, script=f"{step}.py", mode=mode, wall_s=wall, peak_rss_mib=rss,
                    projected_s=wall, unit="whole step")
@@ -204,12 +205,14 @@ def run_preset(preset, mode, args, tmp):
 
 def main(argv=None):
     args = arguments(argv)
-    peak = common.roofline(args.device, args.smoke)
+    precisions, peaks = common.precisions(args)
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_pipeline_") as tmp:
         for preset in args.presets:
             mode = args.mode if args.mode != "auto" else "project" if preset == "paper" else "measure"
-            rows += [dict(r, **common.context(args.device, peak)) for r in run_preset(preset, mode, args, Path(tmp))]
+            for p in precisions:
+                rows += [dict(r, **common.context(args.device, peaks[p], precision=p))
+                         for r in run_preset(preset, mode, p, args, Path(tmp))]
     return common.save(rows, "pipeline", args.out)
 
 

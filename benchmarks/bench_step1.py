@@ -1,12 +1,13 @@
 """Step 1: training the paper's base CNN (batch 64, Adam 1e-3), our input pipeline against the naive one.
 
 python benchmarks/bench_step1.py [--size=smoke|full] [--batches=N] [--repeats=R]
-Ours is what train_task.train_network does per step: shuffled index batches of an in-memory float
+Ours is what train_task.train_network does per step, in each --precision: shuffled index batches of an in-memory float
 tensor (utils.batches inside utils.train_epoch) and fused Adam (utils.adam). The naive way: a Dataset
 making a PIL image per sample, ToTensor, DataLoader(batch_size=64, shuffle=True) and torch.optim.Adam.
 Writes <out>/step1.csv (images/s, ratio, FLOP/s, share of the roofline, projected epoch) and
 <out>/step1_profile.csv (where a batch's time goes).
 """
+import contextlib
 import time
 
 import torch
@@ -48,14 +49,14 @@ def fresh_model(device):
     return BaseCNN(2).to(device)
 
 
-def ours(train, device):
-    """A run of train_task.train_network's epoch loop over the images; malloc set as train_task.py
-    sets it (large freed blocks kept for reuse), so this runs in a common.Worker of its own."""
+def ours(train, device, precision):
+    """A run of train_task.train_network's epoch loop over the images in a PRECISION; malloc set as
+    train_task.py sets it (large freed blocks kept for reuse), so this runs in a common.Worker of its own."""
     utils.keep_freed_memory()
     model = fresh_model(device)
     optimizer = utils.adam(model.parameters(), LR, device)
     generator = torch.Generator().manual_seed(0)
-    return lambda: utils.train_epoch(model, optimizer, train.x, train.y, BATCH, generator, device)
+    return lambda: utils.train_epoch(model, optimizer, train.x, train.y, BATCH, generator, device, precision=precision)
 
 
 def naive_loader(train):
@@ -115,24 +116,28 @@ def profile_rows(train, device, batches):
     return rows
 
 
-def rows(seconds, images, epoch_images, args, peak):
+def rows(seconds, images, epoch_images, args, peaks, variants):
     rate = {v: images / s for v, s in seconds.items()}
     flop = flop_per_image()
     return [dict(variant=v, images=images, repeats=args.repeats, median_s=s, images_per_s=rate[v],
                  speedup_vs_naive=rate[v] / rate["naive"], epoch_images=epoch_images,
                  epoch_s_projected=epoch_images / rate[v], flop_per_image=flop,
-                 **common.share(flop * images, s, peak), **common.context(args.device, peak))
+                 **common.share(flop * images, s, peaks[variants[v]]),
+                 **common.context(args.device, peaks[variants[v]], precision=variants[v]))
             for v, s in seconds.items()]
 
 
 def main(argv=None):
     args = arguments(argv)
-    peak = common.roofline(args.device, args.smoke)
+    precisions, peaks = common.precisions(args)
+    variants = common.variants(precisions)
     train, epoch_images = load_images(args)
-    with common.Worker(ours, train, args.device) as ours_epoch:
-        seconds = common.alternate({"ours": ours_epoch, "naive": naive(train, args.device)},
-                                   args.repeats, args.device, warmup=not args.smoke)
-    table = common.save(rows(seconds, len(train.x), epoch_images, args, peak), "step1", args.out)
+    with contextlib.ExitStack() as stack:
+        runs = {v: stack.enter_context(common.Worker(ours, train, args.device, p)) for v, p in variants.items()
+                if v != "naive"}
+        seconds = common.alternate({**runs, "naive": naive(train, args.device)}, args.repeats, args.device,
+                                   warmup=not args.smoke)
+    table = common.save(rows(seconds, len(train.x), epoch_images, args, peaks, variants), "step1", args.out)
     common.save(profile_rows(train, args.device, args.batches), "step1_profile", args.out)
     return table
 

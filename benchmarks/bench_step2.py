@@ -6,7 +6,7 @@ Phases: feature extraction (both networks on the target's training and validatio
 the transfer net (--epochs), the pruning sweep (every level of PRUNE_LEVELS, each pruned one-shot from
 the trained net, fine-tuned --finetune-epochs and scored; the tolerance is disabled so that both ways
 run the same levels).
-Ours: prune_transform.features (utils.predict under inference_mode), train_transfer and Sweep.
+Ours, in each --precision: prune_transform.features (utils.predict under inference_mode), train_transfer and Sweep.
 Naive: encoder features by a DataLoader of per-image ToTensor batches of 64 under no_grad, kept as
 NumPy arrays; then a per-sample Dataset over those arrays, DataLoader(batch_size=200, shuffle=True),
 plain Adam, the same TransferNet, and torch's L1Unstructured global pruning at every level.
@@ -79,10 +79,11 @@ def make_pair(data, networks, feats, cfg, device):
     return prune_transform.make_pair(*feats, networks[TARGET].head, data.train.y, data.val.y, device)
 
 
-def ours_phases(data, networks, feats, args):
-    """Each phase through the step's own code: training alone, then the sweep of the trained net alone
-    (tolerance out of reach: every level is measured)."""
-    cfg, sweep_cfg = pair_config(args), pair_config(args, "--TOLERANCE=1e9", "--REFINE=0.0")
+def ours_phases(data, networks, feats, args, precision):
+    """Each phase through the step's own code in a PRECISION: training alone, then the sweep of the trained net
+    alone (tolerance out of reach: every level is measured)."""
+    cfg = pair_config(args, f"--PRECISION={precision}")
+    sweep_cfg = pair_config(args, f"--PRECISION={precision}", "--TOLERANCE=1e9", "--REFINE=0.0")
     pair = make_pair(data, networks, feats, cfg, args.device)
     net, optimizer, generator, _ = prune_transform.train_transfer(pair, cfg, args.device)
     return {"extract": lambda: ours_extract(data, networks, cfg),
@@ -189,7 +190,7 @@ def flop_per_unit(cfg, n_train, n_val):
     return {"extract": encoder, "train": train, "sweep": (tuned * train + n_val * forward) / (tuned + n_val)}
 
 
-def rows(seconds, args, data, peak):
+def rows(seconds, args, data, peaks, variants):
     measured = units(pair_config(args), len(data.train.x), len(data.val.x))
     paper = units(common.data_config(prune_transform, args.data), common.PAPER_TRAIN, common.PAPER_VAL)
     flop = flop_per_unit(pair_config(args), len(data.train.x), len(data.val.x))
@@ -199,8 +200,8 @@ def rows(seconds, args, data, peak):
             out.append(dict(phase=phase, variant=variant, units=measured[phase], median_s=s,
                             us_per_unit=1e6 * s / measured[phase], speedup_vs_naive=times["naive"] / s,
                             paper_units=paper[phase], projected_paper_s=s / measured[phase] * paper[phase],
-                            **common.share(flop[phase] * measured[phase], s, peak),
-                            **common.context(args.device, peak)))
+                            **common.share(flop[phase] * measured[phase], s, peaks[variants[variant]]),
+                            **common.context(args.device, peaks[variants[variant]], precision=variants[variant])))
     return out
 
 
@@ -213,14 +214,16 @@ def total_rows(table):
 
 def main(argv=None):
     args = arguments(argv)
-    peak = common.roofline(args.device, args.smoke)
+    precisions, peaks = common.precisions(args)
+    variants = common.variants(precisions)
     data, networks = load_pair(args)
     feats = ours_extract(data, networks, pair_config(args))
-    ours, naive = ours_phases(data, networks, feats, args), naive_phases(data, networks, feats, args)
-    seconds = {phase: common.alternate({"ours": ours[phase], "naive": naive[phase]}, args.repeats, args.device,
+    runs = {v: naive_phases(data, networks, feats, args) if v == "naive" else ours_phases(data, networks, feats, args, p)
+            for v, p in variants.items()}
+    seconds = {phase: common.alternate({v: run[phase] for v, run in runs.items()}, args.repeats, args.device,
                                       warmup=not args.smoke)
-               for phase in ours}
-    table = rows(seconds, args, data, peak)
+               for phase in runs["naive"]}
+    table = rows(seconds, args, data, peaks, variants)
     return common.save(table + total_rows(pd.DataFrame(table)), "step2", args.out)
 
 

@@ -6,7 +6,7 @@ Candidates: fixed genotypes at the paper's size (C=64, N=3, 3 candidates; the sm
 smoke size). Budget: M alternations of W weight epochs on the training images and A alpha epochs on
 the validation images (the paper: 5, 5, 5 on the whole splits); alpha never counts as decided (a lead of 2 is out of reach), so both
 ways run all M alternations.
-Ours: model_FUSE.run_round (index batches of in-memory tensors, fused Adam, alpha trained on candidate
+Ours, in each --precision: model_FUSE.run_round (index batches of in-memory tensors, fused Adam, alpha trained on candidate
 logits computed once per alternation). Naive: DataLoaders over per-image ToTensor datasets, plain Adam,
 every alpha batch running all candidates forward and backward.
 Writes <out>/step3.csv: median seconds of the round, the ratio, and the FLOP/s of its weight training
@@ -50,8 +50,8 @@ def arguments(argv):
     return common.parse(p, argv)
 
 
-def round_config(args):
-    return common.data_config(model_FUSE, args.data, f"--W_EPOCHS={args.w_epochs}",
+def round_config(args, precision="fp32"):
+    return common.data_config(model_FUSE, args.data, f"--PRECISION={precision}", f"--W_EPOCHS={args.w_epochs}",
                               f"--ALPHA_EPOCHS={args.alpha_epochs}", f"--MAX_ALTERNATIONS={args.alternations}",
                               "--ALPHA_MARGIN=2.0", preset="smoke" if args.smoke else "paper")
 
@@ -143,15 +143,15 @@ def train_flop_per_image(genotypes, device):
     return 3 * counter.get_total_flops() / len(x)
 
 
-def time_round(args, cfg, train, val):
-    """Median seconds of the round both ways, the label of where it ran, and its training FLOP per image;
+def time_round(args, cfg, train, val, variants):
+    """Median seconds of the round for each variant, the label of where it ran, and its training FLOP per image;
     with model_FUSE.main's cuDNN settings and THREADS."""
     genotypes, loaders = candidates(cfg), naive_loaders(train, val, cfg)
+    ours = lambda c: lambda: model_FUSE.run_round(genotypes, train, val, 2, c, args.device, SEED)
+    runs = {v: (lambda: naive_round(genotypes, loaders, cfg, args.device)) if v == "naive"
+            else ours(round_config(args, p)) for v, p in variants.items()}
     with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True), common.threads(cfg.THREADS):
-        seconds = common.alternate(
-            {"ours": lambda: model_FUSE.run_round(genotypes, train, val, 2, cfg, args.device, SEED),
-             "naive": lambda: naive_round(genotypes, loaders, cfg, args.device)},
-            args.repeats, args.device, warmup=not args.smoke)
+        seconds = common.alternate(runs, args.repeats, args.device, warmup=not args.smoke)
         return seconds, common.device_name(args.device), train_flop_per_image(genotypes, args.device)
 
 
@@ -185,14 +185,16 @@ def main(argv=None):
     train, val = load_splits(args, cfg)
     if args.compile:
         return time_compile(args, cfg, train)
-    peak = common.roofline(args.device, args.smoke)
-    seconds, device, flop = time_round(args, cfg, train, val)
+    precisions, peaks = common.precisions(args)
+    variants = common.variants(precisions)
+    seconds, device, flop = time_round(args, cfg, train, val, variants)
     weight_flop = cfg.MAX_ALTERNATIONS * cfg.W_EPOCHS * len(train.x) * flop
     rows = [dict(variant=v, images=len(train.x), val_images=len(val.x), alternations=cfg.MAX_ALTERNATIONS,
                  w_epochs=cfg.W_EPOCHS, alpha_epochs=cfg.ALPHA_EPOCHS, candidates=cfg.CANDIDATES, C=cfg.C,
                  N=cfg.N, batch=cfg.BATCH_SIZE, repeats=args.repeats, median_s=s,
                  speedup_vs_naive=seconds["naive"] / s, train_flop_per_image=flop,
-                 **common.share(weight_flop, s, peak), **common.context(args.device, peak, device))
+                 **common.share(weight_flop, s, peaks[variants[v]]),
+                 **common.context(args.device, peaks[variants[v]], device, variants[v]))
             for v, s in seconds.items()]
     return common.save(rows, "step3", args.out)
 

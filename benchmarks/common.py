@@ -37,6 +37,9 @@ def parser(description, sizes):
     p.add_argument("--out", default=str(RESULTS), help="folder the CSV is written to")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--repeats", type=int, help="timed repeats of each variant (after one warm-up)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "both"), default="auto",
+                   help="the precision(s) ours runs in (PRECISION; the naive way stays fp32). auto: fp32, and bf16 "
+                        "too where a bf16 matmul outruns an fp32 one (a GPU, a CPU with AVX512-BF16 or AMX)")
     p.set_defaults(sizes=sizes)
     return p
 
@@ -107,15 +110,40 @@ def alternate(variants, repeats, device, warmup=True):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def roofline(device, smoke):
-    """fp32 matmul FLOP/s of this machine: median of timed torch.mm of square matrices (2n^3 FLOP)."""
-    n = 1024 if smoke else 4096  # smaller products measure scheduling, not arithmetic
-    a, b, c = (torch.randn(n, n, device=device) for _ in range(3))
-    # into a preallocated output: allocation is not timed
-    seconds = alternate({"mm": lambda: torch.mm(a, b, out=c)}, 3 if smoke else 10, device)["mm"]
-    flops = 2 * n ** 3 / seconds
-    print(f"roofline: fp32 matmul {n}x{n} on {device_name(device)}, {flops / 1e9:.1f} GFLOP/s")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def mm_seconds(n, dtype, device, repeats):
+    """Median seconds of an n x n torch.mm in dtype, into a preallocated output (allocation is not timed)."""
+    a, b, c = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(3))
+    return alternate({"mm": lambda: torch.mm(a, b, out=c)}, repeats, device)["mm"]
+
+
+def roofline(device, smoke, precision="fp32"):
+    """Matmul FLOP/s of this machine in a precision: median of timed torch.mm of square matrices (2n^3 FLOP)."""
+    n = 256 if smoke else 4096  # smaller products measure scheduling, not arithmetic (smoke: emulated bf16 too)
+    flops = 2 * n ** 3 / mm_seconds(n, DTYPES[precision], device, 3 if smoke else 10)
+    print(f"roofline: {precision} matmul {n}x{n} on {device_name(device)}, {flops / 1e9:.1f} GFLOP/s")
     return flops
+
+
+def precisions(args):
+    """The precisions ours runs in (--precision), and the matmul roofline of each precision measured (fp32's
+    always: the naive way's). Without native bf16 (an AVX2 CPU, say) torch emulates it, some 80x slower than
+    fp32, so auto then runs fp32 alone."""
+    wanted = ("fp32", "bf16") if args.precision in ("auto", "both") else (args.precision,)
+    if args.precision == "auto":
+        probe = {p: mm_seconds(512, DTYPES[p], args.device, 3) for p in wanted}
+        if probe["bf16"] >= probe["fp32"]:
+            print(f"bf16 left out: a 512x512 bf16 matmul takes {probe['bf16'] / probe['fp32']:.1f}x the fp32 one "
+                  f"on {device_name(args.device)} (emulated); --precision=both measures it anyway")
+            wanted = ("fp32",)
+    return wanted, {p: roofline(args.device, args.smoke, p) for p in dict.fromkeys(("fp32", *wanted))}
+
+
+def variants(precisions):
+    """{variant: its precision}: ours in each precision ("ours" is fp32), then the naive way (fp32)."""
+    return {**{"ours" if p == "fp32" else f"ours_{p}": p for p in precisions}, "naive": "fp32"}
 
 
 def device_name(device):
@@ -123,10 +151,10 @@ def device_name(device):
     return f"{device.type} ({env.get('gpu') or env.get('cpu')}, {env['threads']} threads)"
 
 
-def context(device, peak, label=None):
-    """Columns every CSV row carries: where it ran (label: as device_name said while it ran) and
-    the roofline its figures compare with."""
-    return dict(device=label or device_name(device), roofline_gflops=peak / 1e9)
+def context(device, peak, label=None, precision="fp32"):
+    """Columns every CSV row carries: where it ran (label: as device_name said while it ran), its precision
+    and that precision's roofline, which its figures compare with."""
+    return dict(device=label or device_name(device), precision=precision, roofline_gflops=peak / 1e9)
 
 
 def share(flop, seconds, peak):

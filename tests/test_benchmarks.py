@@ -16,9 +16,17 @@ import common
 from models import BaseCNN
 
 
-def run(bench, out, name):
-    bench.main(["--size=smoke", f"--out={out}"])
+def run(bench, out, name, precision="fp32"):
+    bench.main(["--size=smoke", f"--out={out}", f"--precision={precision}"])
     return pd.read_csv(out / f"{name}.csv")
+
+
+def assert_precisions(table):
+    """ours in fp32 and bf16 beside the naive way (fp32), each against its own precision's roofline."""
+    rows = table.drop_duplicates("variant").set_index("variant")
+    assert rows["precision"].to_dict() == {"ours": "fp32", "ours_bf16": "bf16", "naive": "fp32"}
+    assert rows.at["ours", "roofline_gflops"] == rows.at["naive", "roofline_gflops"] != rows.at["ours_bf16",
+                                                                                                "roofline_gflops"]
 
 
 def assert_positive(frame, columns):
@@ -38,19 +46,21 @@ def test_step1_compares_ours_with_naive_and_profiles_a_batch(tmp_path):
     assert profile.groupby("variant")["share_pct"].sum().round(6).eq(100).all()
 
 
-def test_step2_times_every_phase_of_a_pair(tmp_path):
-    table = run(bench_step2, tmp_path, "step2")
+def test_step2_times_every_phase_of_a_pair_in_both_precisions(tmp_path):
+    table = run(bench_step2, tmp_path, "step2", "both")
     phases = table[table["phase"] != "total"]
     assert sorted(set(phases["phase"])) == ["extract", "sweep", "train"]
     assert_positive(phases, ["units", "median_s", "us_per_unit", "speedup_vs_naive", "projected_paper_s",
                              "gflops", "roofline_pct"])
     totals = table[table["phase"] == "total"].set_index("variant")
     assert totals.loc["ours", "median_s"] == pytest.approx(phases[phases["variant"] == "ours"]["median_s"].sum())
+    assert_precisions(phases)
 
 
-def test_step3_times_one_round_both_ways(tmp_path):
-    table = run(bench_step3, tmp_path, "step3")
-    assert table["variant"].tolist() == ["ours", "naive"]
+def test_step3_times_one_round_both_ways_in_both_precisions(tmp_path):
+    table = run(bench_step3, tmp_path, "step3", "both")
+    assert table["variant"].tolist() == ["ours", "ours_bf16", "naive"]
+    assert_precisions(table)
     assert_positive(table, ["images", "val_images", "candidates", "median_s", "speedup_vs_naive",
                             "train_flop_per_image", "gflops", "roofline_pct"])
 
