@@ -177,17 +177,21 @@ def features(encoder, images, batch, precision, mode, device):
     return encode(*(utils.predict(encoder, x, batch, precision) for x in images), mode)
 
 
+@torch.inference_mode()  # in place: the encoder's outputs are inference tensors, and a copy would need 0.25 GB
 def encode(train, val, mode):
-    """float32 encoder outputs in FEATURES=mode's form: "standardized" with the statistics of the training
-    images, "uint8" as the released code cast them (numpy astype(uint8): truncation, wrapping past 255, then
-    / 255), or "raw"."""
+    """float32 encoder outputs put in FEATURES=mode's form, in place: "standardized" with the statistics of the
+    training images, "uint8" as the released code cast them (numpy astype(uint8): truncation, wrapping past
+    255, then / 255), or "raw"."""
     if mode == "standardized":
         mean, std = train.mean(0), train.std(0)
         std = torch.where(std > 0, std, torch.ones_like(std))  # a dead unit stays at 0
-        return Features((train - mean) / std, (val - mean) / std, std, mean)
+        for f in (train, val):
+            f.sub_(mean).div_(std)
+        return Features(train, val, std, mean)
     if mode == "uint8":
-        cast = lambda f: torch.remainder(f.floor(), 256) / 255
-        return Features(cast(train), cast(val), 255.0)
+        for f in (train, val):
+            f.floor_().remainder_(256).div_(255)
+        return Features(train, val, 255.0)
     return Features(train, val)
 
 

@@ -212,7 +212,7 @@ def test_standardized_features_and_the_readout_back_to_the_target_units():
     xt[:, 2] = 0  # a dead unit of the target network
     head = torch.nn.Linear(6, 2)
     labels = torch.randint(0, 2, (50,))
-    source, target = (prune_transform.encode(f, f[:10], "standardized") for f in (xs, xt))
+    source, target = (prune_transform.encode(f.clone(), f[:10].clone(), "standardized") for f in (xs, xt))
     pair = prune_transform.make_pair(source, target, head, labels, labels[:10], torch.device("cpu"))
     assert pair.x.data_ptr() == source.train.data_ptr()  # the pair reads the shared features, no copy
     torch.testing.assert_close(pair.x.mean(0), torch.zeros(6), atol=1e-5, rtol=0)
@@ -225,7 +225,7 @@ def test_standardized_features_and_the_readout_back_to_the_target_units():
 def test_uint8_features_are_the_released_codes_cast():
     f = torch.tensor([[0.0, 0.7, 1.0, 3.9, 17.2, 256.5]])
     labels = torch.zeros(1, dtype=torch.long)
-    encoded = prune_transform.encode(f, f, "uint8")
+    encoded = prune_transform.encode(f.clone(), f.clone(), "uint8")
     pair = prune_transform.make_pair(encoded, encoded, None, labels, labels, torch.device("cpu"))
     expected = torch.tensor([[0, 0, 1, 3, 17, 0]]) / 255  # truncated; 256 wraps to 0 as numpy's cast does
     torch.testing.assert_close(pair.x, expected)
