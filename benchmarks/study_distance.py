@@ -261,6 +261,7 @@ def compare(path, out):
 def main(argv=None):
     args = arguments(argv)
     args.device = str(utils.get_device(args.device))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     return compare(args.compare, args.out) if args.compare else study(args)
 
 
