@@ -33,7 +33,8 @@ import utils  # noqa: E402
 
 PAPER = REPO / "results" / "paper_distance_matrix.csv"
 BASE = dict(FEATURES="standardized", LR_SCHEDULE="cosine", PERFORMANCE="balanced_accuracy", TOLERANCE=1.0,
-            SCHEDULE="oneshot", FINETUNE_EPOCHS=1)  # prune_transform's defaults
+            SCHEDULE="oneshot", FINETUNE_EPOCHS=1)  # what every variant starts from (its runs' configs: finished
+# pairs are reused); prune_transform's default stopping rule (AUROC within 0.002) is read off the curves variant
 NO_FINETUNING = dict(FINETUNE_EPOCHS=0, PRUNE_LEVELS=[round(0.05 * k, 2) for k in range(1, 20)] + [0.975, 0.99, 0.995],
                      REFINE=0.01)
 VARIANTS = {  # name: (what it is, what it changes against BASE)

@@ -304,9 +304,10 @@ def test_distance_is_the_crossing_of_the_recorded_curve(full_run):
         assert sparsity == sorted(sparsity) and sparsity[0] == 0.0 and 2 <= len(sparsity) <= 4  # smoke: 3 levels
         kept = [p["kept"] for p in r["curve"]]
         assert kept == sorted(kept, reverse=True)
-        passing, _ = prune_transform.crossing(r["curve"], "balanced_accuracy", r["unpruned"]["balanced_accuracy"] - 1.0)
+        performance, tolerance = r["config"]["PERFORMANCE"], r["config"]["TOLERANCE"]
+        passing, _ = prune_transform.crossing(r["curve"], performance, r["unpruned"][performance] - tolerance)
         assert r["measured_distance"] == passing["kept"]
-        assert r["feasible"] == (r["unpruned"]["balanced_accuracy"] >= r["feasibility_level"])
+        assert r["feasible"] == (r["unpruned"][performance] >= r["feasibility_level"])
         assert r["distance"] == (0.0 if r["source"] == r["target"] else r["measured_distance"] if r["feasible"]
                                  else None)
 
