@@ -117,7 +117,9 @@ def step_performance(monkeypatch, edge, calls=None):
 
 
 def sweep(*args, level=None):
-    cfg = utils.configure(vars(prune_transform), ["--PRUNE_LEVELS=[0.2, 0.4, 0.6, 0.8]", *args])
+    """A sweep of a patched transfer under the balanced-accuracy rule within 1 point (args may change it)."""
+    cfg = utils.configure(vars(prune_transform), ["--PRUNE_LEVELS=[0.2, 0.4, 0.6, 0.8]",
+                                                  "--PERFORMANCE=balanced_accuracy", "--TOLERANCE=1.0", *args])
     torch.manual_seed(0)
     net = TransferNet()
     optimizer = utils.adam(prune_transform.ordered_parameters(net), 1e-3, torch.device("cpu"))
@@ -179,9 +181,10 @@ def test_without_feasibility_every_pair_has_its_distance():
 
 def test_feasibility_level_comes_from_the_worst_base_network():
     checkpoints = {name: {"val_balanced_error": e, "val_error": e / 2} for name, e in (("a", 1.0), ("b", 13.0), ("c", 4.0))}
-    cfg = utils.configure(vars(prune_transform), ["--SOURCES=['a', 'b', 'c']"])
+    cfg = utils.configure(vars(prune_transform), ["--SOURCES=['a', 'b', 'c']", "--PERFORMANCE=balanced_accuracy"])
     assert cfg.FEASIBILITY == "2eps" and prune_transform.feasibility_level(checkpoints, cfg) == 74.0
-    cfg = utils.configure(vars(prune_transform), ["--SOURCES=['a', 'b', 'c']", "--FEASIBILITY=eps"])
+    cfg = utils.configure(vars(prune_transform), ["--SOURCES=['a', 'b', 'c']", "--PERFORMANCE=balanced_accuracy",
+                                                  "--FEASIBILITY=eps"])
     assert prune_transform.feasibility_level(checkpoints, cfg) == 87.0
     cfg = utils.configure(vars(prune_transform), ["--SOURCES=['a', 'c']", "--PERFORMANCE=accuracy", "--FEASIBILITY=eps"])
     assert prune_transform.feasibility_level(checkpoints, cfg) == 98.0
@@ -202,7 +205,7 @@ def test_an_auroc_tolerance_stops_where_the_auroc_falls_by_it(monkeypatch):
     result, _ = sweep("--REFINE=0", "--PERFORMANCE=auroc", "--TOLERANCE=0.002")
     assert result.line == pytest.approx(0.988) and result.passing == 0.2 and result.failing == 0.4
     with pytest.raises(utils.UserError, match="the AUROC is a fraction"):
-        prune_transform.check_config(utils.configure(vars(prune_transform), ["--PERFORMANCE=auroc"]))
+        prune_transform.check_config(utils.configure(vars(prune_transform), ["--PERFORMANCE=auroc", "--TOLERANCE=1.0"]))
 
 
 # ----------------------------------------------------------------------------- features
