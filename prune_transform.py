@@ -53,8 +53,8 @@ LR = 1e-3
 LR_SCHEDULE = "cosine"    # cosine: decays to 0 over the training, so it ends at a settled net; constant: the
                           # released code's (its last step can land on a spike: README, interpretation 5)
 PERFORMANCE = "auroc"     # what "keeps performance" means, from B's own head on the transferred features: auroc
-                          # (a fraction: blind to the majority class and to a pruned net's calibration shift; the
-                          # only one the distance study found graded, valid and stable: README, Step 2) |
+                          # (a fraction: blind to the majority class and to a pruned net's calibration shift; graded,
+                          # valid and stable in the distance study, with the widest margins: README, Step 2) |
                           # balanced_accuracy | accuracy (in %); or "probe": the balanced accuracy of a linear
                           # classifier trained afresh on them (the released code's check)
 PROBE_EPOCHS = 10         # training of that fresh probe (released code: 50)
