@@ -486,8 +486,7 @@ def task_aware_search(data, ranked, found, folder, cfg, log):
     genotypes = [found[r["task"]][0] for r in ranked]
     space = task_aware_space(genotypes)
     log.info("task-aware space of %s from %s: %s (%d genotypes)", cfg.TARGET,
-             ", ".join(f"{r['task']} ({'infeasible' if r['distance'] is None else format(r['distance'], '.3g')}): "
-                       f"{'/'.join(g.ops)}" for r, g in zip(ranked, genotypes)),
+             ", ".join(f"{utils.closest_label(r, '.3g')}: {'/'.join(g.ops)}" for r, g in zip(ranked, genotypes)),
              " | ".join("/".join(edge) for edge in space), space_size(space))
     first = Genotype(genotypes[0].ops, cfg.NODES, cfg.C, cfg.N)
     search = Search(cfg.TARGET, "task_aware", space, first, cfg.ROUNDS, Path(folder), data.fingerprint,

@@ -752,9 +752,7 @@ def write_outputs(results, cfg, out, log):
     log.info("distance matrix, rows = source A, columns = target B (%s; empty = infeasible):\n%s",
              out / "matrix.csv", matrix.to_string(float_format="{:.2f}".format))
     for t in complete:
-        log.info("closest to %s: %s", t, ", ".join(
-            f"{r['task']} ({r['distance']:.2f})" if r["feasible"] else f"{r['task']} (infeasible)"
-            for r in closest[t][:cfg.K]))
+        log.info("closest to %s: %s", t, ", ".join(map(utils.closest_label, closest[t][:cfg.K])))
 
 
 def main(argv=None):

@@ -656,6 +656,13 @@ class TaskData:
     source: str
 
 
+def closest_label(entry, spec=".2f"):
+    """A closest-list entry of step 2 ({"task", "distance", ...}) for a log line: "task (distance)", or
+    "task (infeasible)" when it has no distance."""
+    distance = entry["distance"]
+    return f"{entry['task']} ({'infeasible' if distance is None else format(distance, spec)})"
+
+
 def stratified_split(labels, val_fraction, seed):
     """Indices (train, val): val_fraction of every class to validation, the rest shuffled to train."""
     gen = torch.Generator().manual_seed(seed)

@@ -16,6 +16,7 @@ against the roofline.
 steps a network must train before compiling pays (step3_compile.csv). A round compiles every candidate anew:
 each genotype is another graph.
 """
+import functools
 import statistics
 
 import torch
@@ -147,9 +148,9 @@ def time_round(args, cfg, train, val, variants):
     """Median seconds of the round for each variant, the label of where it ran, and its training FLOP per image;
     with model_FUSE.main's cuDNN settings and THREADS."""
     genotypes, loaders = candidates(cfg), naive_loaders(train, val, cfg)
-    ours = lambda c: lambda: model_FUSE.run_round(genotypes, train, val, 2, c, args.device, SEED)
-    runs = {v: (lambda: naive_round(genotypes, loaders, cfg, args.device)) if v == "naive"
-            else ours(round_config(args, p)) for v, p in variants.items()}
+    runs = {v: functools.partial(model_FUSE.run_round, genotypes, train, val, 2, round_config(args, p), args.device,
+                                 SEED) for v, p in variants.items() if v != "naive"}
+    runs["naive"] = lambda: naive_round(genotypes, loaders, cfg, args.device)
     with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True), common.threads(cfg.THREADS):
         seconds = common.alternate(runs, args.repeats, args.device, warmup=not args.smoke)
         return seconds, common.device_name(args.device), train_flop_per_image(genotypes, args.device)
