@@ -15,6 +15,9 @@ against the roofline.
 (--backend: inductor at full size): the first compiled step, which compiles, apart from the median of the --steps after it, and the
 steps a network must train before compiling pays (step3_compile.csv). A round compiles every candidate anew:
 each genotype is another graph.
+--layouts instead times the torchvision rows (ResNet-18, ResNet-34, DenseNet-161) in both memory formats, as
+step 3 retrains and scores them: a training step (Adam, --train-batch images) and an evaluation batch (--eval-batch
+images), NCHW (torch's default) against channels_last (models/baselines.py's), alternated (step3_layouts.csv).
 """
 import functools
 import statistics
@@ -27,14 +30,16 @@ import common
 import model_FUSE
 import utils
 from models import FuseMixture, Genotype, build_network
+from models.baselines import BASELINES, build_baseline
 
 GENOTYPES = (("sep_conv_3x3", "skip_connect", "sep_conv_5x5"),
              ("dil_conv_3x3", "max_pool_3x3", "conv_7x1_1x7"),
              ("skip_connect", "sep_conv_3x3", "avg_pool_3x3"))  # 3-node cells, one op per edge
 SIZES = {"smoke": dict(limit=32, val_limit=16, w_epochs=1, alpha_epochs=1, alternations=1, repeats=1, steps=2,
-                       backend="eager"),  # dynamo's tracing without inductor's minute of code generation
+                       backend="eager", train_batch=2, eval_batch=4),  # dynamo's tracing without inductor's minute of code generation
          "full": dict(limit=256, val_limit=128, w_epochs=1, alpha_epochs=5, alternations=1, repeats=3, steps=8,
-                      backend="inductor")}
+                      backend="inductor", train_batch=32, eval_batch=200)}
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 SEED = 0
 
 
@@ -48,6 +53,9 @@ def arguments(argv):
     p.add_argument("--compile", action="store_true", help="also time the candidates' steps under torch.compile")
     p.add_argument("--steps", type=int, help="timed weight steps per candidate and way (--compile)")
     p.add_argument("--backend", help="torch.compile's backend (--compile)")
+    p.add_argument("--layouts", action="store_true", help="time the torchvision rows in both memory formats instead")
+    p.add_argument("--train-batch", type=int, help="images per timed training step (--layouts; step 3's BATCH_SIZE: 32)")
+    p.add_argument("--eval-batch", type=int, help="images per timed evaluation batch (--layouts)")
     return common.parse(p, argv)
 
 
@@ -180,12 +188,40 @@ def time_compile(args, cfg, train):
     return common.save(rows, "step3_compile", args.out)
 
 
+def time_layouts(args, cfg, train):
+    """Per torchvision row: median seconds of a training step and of an evaluation batch in each memory format,
+    the two formats' networks from the same weights, their runs alternated (step 3 gives them every thread)."""
+    rows = []
+    xb, yb = train.x[:args.train_batch].to(args.device), train.y[:args.train_batch].to(args.device)
+    xe = train.x[:args.eval_batch].to(args.device)
+    for name in BASELINES:
+        torch.manual_seed(SEED)
+        state = build_baseline(name, 2).state_dict()
+        train_runs, eval_runs = {}, {}
+        for layout, fmt in LAYOUTS.items():
+            net = build_baseline(name, 2).to(args.device, memory_format=fmt)
+            net.load_state_dict(state)
+            optimizer = utils.adam(net.parameters(), cfg.FINAL_LR, args.device)
+            train_runs[layout] = functools.partial(utils.train_step, net.train(), optimizer, xb, yb, F.cross_entropy)
+            eval_runs[layout] = functools.partial(utils.predict, net, xe, len(xe))
+        train_s = common.alternate(train_runs, args.steps, args.device, warmup=True)
+        eval_s = common.alternate(eval_runs, args.steps, args.device, warmup=True)
+        rows += [dict(row=name, layout=layout, batch=len(xb), eval_batch=len(xe), steps=args.steps,
+                      train_step_s=train_s[layout], eval_batch_s=eval_s[layout],
+                      train_speedup_vs_nchw=train_s["nchw"] / train_s[layout],
+                      eval_speedup_vs_nchw=eval_s["nchw"] / eval_s[layout], **common.context(args.device, float("nan")))
+                 for layout in LAYOUTS]
+    return common.save(rows, "step3_layouts", args.out)
+
+
 def main(argv=None):
     args = arguments(argv)
     cfg = round_config(args)
     train, val = load_splits(args, cfg)
     if args.compile:
         return time_compile(args, cfg, train)
+    if args.layouts:
+        return time_layouts(args, cfg, train)
     precisions, peaks = common.precisions(args)
     variants = common.variants(precisions)
     seconds, device, flop = time_round(args, cfg, train, val, variants)

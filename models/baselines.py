@@ -1,6 +1,7 @@
 """Torchvision reference CNNs adapted to 1x28x28 inputs."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torchvision import models as tvm
 
@@ -25,7 +26,7 @@ def build_baseline(name: str, num_classes: int = 2) -> nn.Module:
         net.maxpool = nn.Identity()
         net.avgpool = GlobalAvgPool()  # deterministic on CUDA; torchvision's flatten then has nothing to do
         net.fc = nn.Linear(net.fc.in_features, num_classes)
-        return net
+        return _channels_last(net)
     # memory_efficient recomputes each layer's concatenation in backward: half the peak memory
     # (8.4 -> 4.4 GB at batch 128 on 28x28) for no measurable time on this CPU
     net = tvm.densenet161(weights=None, memory_efficient=True)
@@ -33,4 +34,10 @@ def build_baseline(name: str, num_classes: int = 2) -> nn.Module:
     _kaiming(net.features.conv0)
     net.features.pool0 = nn.Identity()
     net.classifier = nn.Linear(net.classifier.in_features, num_classes)
-    return net
+    return _channels_last(net)
+
+
+def _channels_last(net: nn.Module) -> nn.Module:
+    # oneDNN's convolutions run faster on NHWC activations (benchmarks/bench_step3.py --layouts); a 1-channel input
+    # is already in that layout, so the weights' format carries it through the network
+    return net.to(memory_format=torch.channels_last)

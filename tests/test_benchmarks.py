@@ -14,6 +14,7 @@ import bench_step2
 import bench_step3
 import common
 from models import BaseCNN
+from models.baselines import BASELINES
 
 
 def run(bench, out, name, precision="fp32"):
@@ -137,6 +138,15 @@ def test_ftd_suite_compares_with_the_published_matrix_and_resumes(tmp_path, monk
     monkeypatch.setattr(ftd_suite.prune_transform, "task_fisher", redo)
     again, _, _ = ftd_suite.main(["--size=smoke", f"--out={tmp_path}"])
     pd.testing.assert_frame_equal(again, mean)
+
+
+def test_step3_times_the_torchvision_rows_in_both_memory_formats(tmp_path):
+    bench_step3.main(["--size=smoke", f"--out={tmp_path}", "--layouts"])
+    table = pd.read_csv(tmp_path / "step3_layouts.csv")
+    assert list(table["row"]) == [name for name in BASELINES for _ in bench_step3.LAYOUTS]
+    assert list(table["layout"]) == list(bench_step3.LAYOUTS) * len(BASELINES)
+    assert (table.loc[table["layout"] == "nchw", ["train_speedup_vs_nchw", "eval_speedup_vs_nchw"]] == 1).all().all()
+    assert_positive(table, ["train_step_s", "eval_batch_s", "train_speedup_vs_nchw", "eval_speedup_vs_nchw"])
 
 
 def test_step3_times_compiled_steps_beside_eager_ones(tmp_path):
