@@ -42,7 +42,7 @@ def test_every_preset_names_constants_of_its_script():
     import prune_transform
     import train_task
     for module in (train_task, prune_transform, model_FUSE):
-        assert set(module.PRESETS) == {"paper", "smoke"}
+        assert {"paper", "smoke"} <= set(module.PRESETS)
         for preset in module.PRESETS:
             utils.configure(vars(module), [f"--PRESET={preset}"])  # raises on a name the script lacks
 

@@ -1,5 +1,6 @@
 """Step 3: FUSE's choice, its use of the splits, resumption, determinism, errors and a smoke run of main."""
 import dataclasses
+import random
 import inspect
 import json
 import logging
@@ -11,7 +12,7 @@ import torch
 import executor
 import model_FUSE
 import utils
-from models import FuseMixture, Genotype, build_network, standard_space
+from models import FuseMixture, Genotype, build_network, count_parameters, sample_genotype, standard_space
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -375,3 +376,11 @@ def test_paired_difference_on_the_same_test_images():
     better = {"test_images": 1000, "test_wrong": [list(range(10))]}
     diff, low, high = model_FUSE.paired_difference(worse, better)
     assert diff == pytest.approx(9.0) and 7 < low < 9 < high < 11  # 90 more of 1,000 wrong: significant
+
+
+def test_the_cpu_preset_searches_networks_of_at_least_a_fifth_of_a_million_parameters():
+    cfg = utils.configure(vars(model_FUSE), ["--PRESET=cpu"])
+    sizes = [count_parameters(build_network(sample_genotype(standard_space(cfg.NODES), random.Random(s), cfg.NODES,
+                                                            cfg.C, cfg.N), 2)) for s in range(60)]
+    assert min(sizes) >= 200_000
+    assert cfg.FINAL_SEEDS == [0, 1, 2] and cfg.EVAL_LIMIT == 0  # several seeds, scored on the whole test split
