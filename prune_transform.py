@@ -760,6 +760,21 @@ def write_outputs(results, cfg, out, log):
              out / "matrix.csv", matrix.to_string(float_format="{:.2f}".format))
     for t in complete:
         log.info("closest to %s: %s", t, ", ".join(map(utils.closest_label, closest[t][:cfg.K])))
+        if ties := tied_at_k(closest[t], cfg.K):
+            inside = [r["task"] for r in closest[t][:cfg.K] if r["task"] in ties]
+            log.warning("%s: %s tie at %.2f (equal at the resolution of REFINE); the better unpruned transfer ranks "
+                        "first, so the %d closest take %s", t, ", ".join(ties), closest[t][cfg.K - 1]["distance"],
+                        cfg.K, ", ".join(inside))
+
+
+def tied_at_k(ranked, k):
+    """The sources whose distance equals the k-th closest's, when some of them rank past k (the tie-break chose
+    which are in the k closest); else []."""
+    if len(ranked) <= k or ranked[k - 1]["distance"] is None:
+        return []
+    same = [r["task"] for r in ranked if r["distance"] is not None
+            and round(r["distance"], 4) == round(ranked[k - 1]["distance"], 4)]
+    return same if any(r["task"] in same for r in ranked[k:]) else []
 
 
 def main(argv=None):

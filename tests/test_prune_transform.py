@@ -174,6 +174,15 @@ def test_infeasible_pairs_have_no_distance_and_rank_last():
     assert [r["source"] for r in prune_transform.rank_sources(results, "t")] == ["d", "c", "a", "e", "b"]
 
 
+def test_a_tie_at_the_kth_closest_is_named():
+    ranked = lambda *d: [dict(task=t, distance=x) for t, x in zip("abcde", d)]
+    assert prune_transform.tied_at_k(ranked(3.48, 3.55, 3.63, 3.63, 3.63), 3) == ["c", "d", "e"]
+    assert prune_transform.tied_at_k(ranked(3.48, 3.48, 3.63, 5.0), 3) == []       # a tie inside the k closest
+    assert prune_transform.tied_at_k(ranked(3.48, 3.55, 3.63, None), 3) == []      # infeasible past k
+    assert prune_transform.tied_at_k(ranked(3.48, 3.55, None, None), 3) == []      # the k-th itself infeasible
+    assert prune_transform.tied_at_k(ranked(3.48, 3.55), 3) == []                  # fewer than k sources
+
+
 def test_without_feasibility_every_pair_has_its_distance():
     r = prune_transform.decide(result("b", "t", 5.1, 50.0), None, "balanced_accuracy")
     assert r["feasible"] and r["distance"] == 5.1
