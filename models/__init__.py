@@ -11,3 +11,7 @@ from .genotypes import (
     task_aware_space,
 )
 from .network import FuseMixture, GenotypeNetwork, build_network, count_parameters
+
+__all__ = ["FEATURES", "BaseCNN", "TransferNet", "OPS", "OP_NAMES", "Genotype", "edges", "sample_distinct",
+           "sample_genotype", "space_size", "standard_space", "task_aware_space", "FuseMixture", "GenotypeNetwork",
+           "build_network", "count_parameters"]
