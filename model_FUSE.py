@@ -311,10 +311,13 @@ def run_round(candidates, train, val, num_classes, cfg, device, seed, bar=None):
     with torch.no_grad():
         accuracy = (logits.argmax(-1) == y).float().mean(-1).mul(100).tolist()
         mixture = float((mix.combine(logits).argmax(-1) == y).float().mean().mul(100))
+    # threshold-free: a member alone can sit at the majority class while it ranks the images well, because
+    # the mixture sums the members' logits and their offsets need not each be right
+    auroc = [utils.classification_metrics(member, y)["auroc"] for member in logits]
     by_alpha, by_accuracy = int(np.argmax(trajectory[-1])), int(np.argmax(accuracy))  # the first of equals
     return dict(candidates=[g.to_json() for g in candidates], alpha=trajectory,
                 alternations=len(trajectory) - 1, decided=decided, margin=margin(trajectory[-1]),
-                val_accuracy=accuracy, mixture_val_accuracy=mixture, argmax_alpha=by_alpha,
+                val_accuracy=accuracy, val_auroc=auroc, mixture_val_accuracy=mixture, argmax_alpha=by_alpha,
                 best_val_accuracy=by_accuracy, winner=by_alpha if decided else by_accuracy,
                 decided_by="alpha" if decided else "validation accuracy (alpha undecided)")
 
@@ -356,11 +359,12 @@ def search_round(search, r, incumbent, train, val, cfg, device, save, log):
                   space=search.space_name, **result, seconds=time.perf_counter() - start,
                   device=device_label(device))
     save(search.folder / f"round_{r:02d}.json", record)
-    log.info("%s (%s) round %d: α %s after %d alternation(s) (%s, lead %.3f), val accuracy %s, mixture %.2f %%; "
-             "winner %s, %.1f s", search.task, search.space_name, r,
+    log.info("%s (%s) round %d: α %s after %d alternation(s) (%s, lead %.3f), val accuracy %s (AUROC %s), "
+             "mixture %.2f %%; winner %s, %.1f s", search.task, search.space_name, r,
              [round(a, 4) for a in record["alpha"][-1]], record["alternations"],
              "decided" if record["decided"] else "undecided: best validation accuracy", record["margin"],
-             [round(a, 2) for a in record["val_accuracy"]], record["mixture_val_accuracy"],
+             [round(a, 2) for a in record["val_accuracy"]], [round(a, 4) for a in record["val_auroc"]],
+             record["mixture_val_accuracy"],
              "/".join(candidates[record["winner"]].ops), record["seconds"])
     return record
 

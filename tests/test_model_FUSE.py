@@ -52,6 +52,7 @@ def test_fuse_picks_the_candidate_that_can_learn(order):
     assert record["alpha"][0] == [0.5, 0.5]  # α starts at zero: uniform weights
     assert record["alternations"] == 2 and len(record["alpha"]) == 3
     assert record["val_accuracy"][good] >= record["val_accuracy"][1 - good]
+    assert record["val_auroc"][1 - good] == 0.5 < record["val_auroc"][good]  # a constant output ranks nothing
 
 
 def test_alpha_decides_once_its_argmax_holds_with_a_lead():
@@ -325,7 +326,7 @@ def test_main_smoke_writes_table_and_plots_and_never_searches_on_test(data_dir, 
     markdown = (out / "table.md").read_text()
     assert markdown.count("\n") == 6 and "| ResNet-18 |" in markdown
     rounds = json.loads((out / "task_aware" / "round_01.json").read_text())
-    assert {"candidates", "alpha", "val_accuracy", "mixture_val_accuracy", "winner", "seconds", "decided",
+    assert {"candidates", "alpha", "val_accuracy", "val_auroc", "mixture_val_accuracy", "winner", "seconds", "decided",
             "margin", "alternations", "decided_by"} <= set(rounds)
     first = json.loads((tmp_path / "search" / "dictionary" / "trouser.json").read_text())["genotype"]
     assert rounds["candidates"][0]["ops"] == first["ops"]  # the search starts from the closest task's genotype
