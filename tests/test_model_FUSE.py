@@ -379,6 +379,15 @@ def test_paired_difference_on_the_same_test_images():
     assert diff == pytest.approx(9.0) and 7 < low < 9 < high < 11  # 90 more of 1,000 wrong: significant
 
 
+def test_the_paired_interval_carries_the_spread_between_seeds():
+    # seeds at 1 % and 5 % error for the reference, 2 % and 6 % for the row: +1 point on average, but one seed
+    # of the row (2 %) is better than one of the reference (5 %)
+    reference = {"test_images": 1000, "test_wrong": [list(range(10)), list(range(50))]}
+    row = {"test_images": 1000, "test_wrong": [list(range(20)), list(range(60))]}
+    diff, low, high = model_FUSE.paired_difference(row, reference)
+    assert diff == pytest.approx(1.0) and low < -2 and high > 3  # resampling the images alone gives [+0.60, +1.45]
+
+
 def test_the_cpu_preset_searches_networks_of_at_least_a_fifth_of_a_million_parameters():
     cfg = utils.configure(vars(model_FUSE), ["--PRESET=cpu"])
     sizes = [count_parameters(build_network(sample_genotype(standard_space(cfg.NODES), random.Random(s), cfg.NODES,
