@@ -642,15 +642,14 @@ def paired_difference(record, reference, draws=10_000, seed=0, chunk=250):
         for s, images in enumerate(rec["test_wrong"]):
             table[s, images] = 1
         return table
-    rows, refs = wrong(record), wrong(reference)
-    rng, means = np.random.default_rng(seed), []
-    for size in [chunk] * (draws // chunk) + [draws % chunk] * bool(draws % chunk):
+    rows, refs, rng = wrong(record), wrong(reference), np.random.default_rng(seed)
+    def draw(size):  # `size` bootstrap means: seeds resampled per row, then the images for both
         pick = lambda table: table[rng.integers(0, len(table), (size, len(table)))].mean(1)  # (size, n)
         per_image = pick(rows) - pick(refs)
-        images = rng.integers(0, n, (size, n))
-        means.append(np.take_along_axis(per_image, images, 1).mean(1))
-    low, high = np.percentile(np.concatenate(means), [2.5, 97.5])
-    return 100 * float(rows.mean(0).mean() - refs.mean(0).mean()), 100 * float(low), 100 * float(high)
+        return np.take_along_axis(per_image, rng.integers(0, n, (size, n)), 1).mean(1)
+    means = np.concatenate([draw(min(chunk, draws - start)) for start in range(0, draws, chunk)])
+    low, high = np.percentile(means, [2.5, 97.5])
+    return 100 * float(rows.mean() - refs.mean()), 100 * float(low), 100 * float(high)
 
 
 def table_row(row, record, searches, reference):

@@ -732,8 +732,8 @@ def each_pair(folder, config, pairs, cfg, log, measure):
 def measured_matrix(frame, cfg, values):
     """Rows SOURCES; columns the targets measured from every source, this run's and earlier runs', in one order
     whichever run wrote them: the dictionary's, then the task registry's."""
-    order = list(dict.fromkeys(utils.DICTIONARY + list(utils.TASK_REGISTRY)))
-    targets = sorted(set(frame.target), key=lambda t: order.index(t) if t in order else len(order))
+    rank = {t: i for i, t in enumerate(dict.fromkeys(utils.DICTIONARY + list(utils.TASK_REGISTRY)))}
+    targets = sorted(set(frame.target), key=rank.__getitem__)  # every target is a registered task
     complete = [t for t in targets if set(frame[frame.target == t].source) >= set(cfg.SOURCES)]
     return frame.pivot(index="source", columns="target", values=values).reindex(
         index=list(cfg.SOURCES), columns=complete).astype(float)
