@@ -9,7 +9,8 @@ a killed run resumes from the same files with either executor.
     with executor.start(cfg, device, log) as ex:
         images = ex.share(load, ...)                       # an input of many units
         jobs = [ex.submit(name, unit, images, ex.device, ex.save, ex.log, ...) for name in ...]
-        results = ex.run(jobs, "units", done)              # done(name, result) in the driver, as each ends
+        results = ex.run(jobs, "units", done)              # done(name, result) in the driver, as each ends;
+                                                           # it may append to jobs the units that needed that one
 """
 import contextlib
 import logging
@@ -91,13 +92,17 @@ class Local:
         return Job(name, fn, args)
 
     def run(self, jobs, desc, done):
-        """done(name, result) for every job, in order; returns what done returned, in the same order. Empties
-        `jobs`: no unit's result is held once done has written it."""
-        pending, out = list(jobs), []
-        jobs.clear()
-        for job in tqdm(pending, desc=desc, unit="unit"):
-            out.append(done(job.name, job.result()))
-            job.value = None
+        """done(name, result) for every job, in order; returns what done returned, in the same order. done may
+        append units to `jobs` (those that needed this one): they run in the same call. Empties `jobs`: no unit's
+        result is held once done has written it."""
+        out = []
+        with tqdm(total=len(jobs), desc=desc, unit="unit") as bar:
+            while jobs:
+                job = jobs.pop(0)
+                out.append(done(job.name, job.result()))
+                job.value = None
+                bar.total = bar.n + 1 + len(jobs)
+                bar.update()
         return out
 
     def close(self):
@@ -211,14 +216,17 @@ class Ray:
                 self.running.pop(message[1], None)
 
     def run(self, jobs, desc, done):
-        """done(name, result) for every job as it ends; returns what done returned, in the jobs' order. A unit
-        that raised stops the run with its own error (a UserError prints as one clear message). Empties `jobs`,
-        so that no unit's result stays in the object store once done has written it."""
-        pending, out = list(jobs), {}
-        order = [ref.hex() for ref in pending]
-        jobs.clear()
-        with tqdm(total=len(order), desc=desc, unit="unit") as bar:
-            while pending:
+        """done(name, result) for every job as it ends; returns what done returned, in the order the jobs were
+        submitted. done may append units to `jobs` (those that needed this one): they join this call. A unit that
+        raised stops the run with its own error (a UserError prints as one clear message). Empties `jobs`, so that
+        no unit's result stays in the object store once done has written it."""
+        pending, out, order = [], {}, []
+        with tqdm(total=len(jobs), desc=desc, unit="unit") as bar:
+            while jobs or pending:
+                order += [ref.hex() for ref in jobs]
+                pending += jobs
+                jobs.clear()
+                bar.total = len(order)
                 ready, pending = self.ray.wait(pending, num_returns=1, timeout=1.0)
                 self.drain()
                 for ref in ready:

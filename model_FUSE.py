@@ -15,6 +15,7 @@ CKPT_DIR/search/:
   <target>/table.csv, table.md, error_vs_params.png
 """
 import contextlib
+import functools
 import hashlib
 import math
 import random
@@ -591,32 +592,6 @@ def retrain_unit(config, seed, tasks, cfg, device):
     return run, state
 
 
-def run_rows(ex, tasks, data, searches, out, cfg, log):
-    """Every row of ROWS retrained once per FINAL_SEEDS seed (a seed retrained earlier with the same config is
-    reused), each scored on the test split; the rows' records, written to rows/<row>.json."""
-    configs = {row: row_config(row, data, searches, cfg) for row in cfg.ROWS}
-    runs, jobs = {}, []
-    for row, config in configs.items():
-        for s in cfg.FINAL_SEEDS:
-            runs[row, s] = utils.load_current(out / "rows" / f"{row}_seed{s}.json", dict(config, seed=s), log)
-            if runs[row, s] is None:
-                jobs.append(ex.submit(f"{row} seed {s}", retrain_unit, config, s, tasks, cfg, ex.device))
-            else:
-                log.info("%s seed %d: retrained earlier with the same config, reused", row, s)
-
-    def done(name, retrained):
-        run, state = retrained
-        row, s = run["config"]["row"], run["config"]["seed"]
-        if state:
-            utils.save_checkpoint(state, out / "rows" / f"{row}_seed{s}.pt")
-        utils.write_json(out / "rows" / f"{row}_seed{s}.json", run)
-        runs[row, s] = run
-
-    ex.run(jobs, "retraining", done)
-    return {row: row_record(row, config, [runs[row, s] for s in cfg.FINAL_SEEDS], out, cfg, log)
-            for row, config in configs.items()}
-
-
 def row_record(row, config, runs, out, cfg, log):
     record = dict(row=row, config=config, seeds=list(cfg.FINAL_SEEDS), params=runs[0]["params"],
                   runs=[r["metrics"] for r in runs], test_images=runs[0]["test_images"],
@@ -751,57 +726,84 @@ def needed_spaces(cfg):
     return list(dict.fromkeys(spaces + (["standard"] if "random" in cfg.ROWS else [])))
 
 
-def run_searches(ex, tasks, data, ranked, out, cfg, log):
-    """The target's FUSE searches, its headline genotype, and the random search when a row needs it; as units in
-    two waves: the base tasks' searches the task-aware space needs (those not in the dictionary yet) and the
-    standard-space search, then the task-aware search (on the dictionary's genotypes) and the random search (on
-    the standard one's budget)."""
-    spaces, searches, found, running = needed_spaces(cfg), {}, {}, {}
+def run_units(ex, tasks, data, ranked, out, cfg, log):
+    """The target's searches and the rows' retrainings (one unit per FINAL_SEEDS seed) as one set of units, each
+    submitted as soon as what it needs has ended: at once the base tasks' searches that the task-aware space lacks
+    from the dictionary, the standard search and the reference CNNs; the task-aware search once those base tasks
+    have their genotypes, random search once the standard search has ended, a searched row once its search has. So
+    no worker idles while a unit that others do not need is pending. A seed retrained earlier with the same config
+    is reused. Returns the searches' results and the rows' records (rows/<row>.json)."""
+    target, spaces = data[cfg.TARGET], needed_spaces(cfg)
+    found, searches, runs, configs, then, jobs = {}, {}, {}, {}, {}, []
 
-    def submit(name, search):
-        running[name] = search
-        return ex.submit(name, search_unit, search, tasks, saved_rounds(search.folder, log), cfg, ex.device, ex.save,
-                         ex.log)
+    def submit(name, after, fn, *args):
+        then[name] = after
+        jobs.append(ex.submit(name, fn, *args))
 
-    def done(name, result):
-        if name in running:
-            search = running.pop(name)
+    def start_search(key, search, after):
+        def ended(result):
             write_search(search, result)
-            if name.endswith("(dictionary)"):
-                write_dictionary(search, result, cfg)
-        return result
+            after(result)
+        submit(f"{search.task} ({key})", ended, search_unit, search, tasks, saved_rounds(search.folder, log), cfg,
+               ex.device, ex.save, ex.log)
 
-    jobs = {}
+    def retrain_row(row):
+        configs[row] = config = row_config(row, target, searches, cfg)
+        for s in cfg.FINAL_SEEDS:
+            runs[row, s] = utils.load_current(out / "rows" / f"{row}_seed{s}.json", dict(config, seed=s), log)
+            if runs[row, s] is None:
+                submit(f"{row} seed {s}", functools.partial(retrained, row, s), retrain_unit, config, s, tasks, cfg,
+                       ex.device)
+            else:
+                log.info("%s seed %d: retrained earlier with the same config, reused", row, s)
+
+    def retrained(row, s, result):
+        run, state = result
+        if state:
+            utils.save_checkpoint(state, out / "rows" / f"{row}_seed{s}.pt")
+        utils.write_json(out / "rows" / f"{row}_seed{s}.json", run)
+        runs[row, s] = run
+
+    def searched(key, result):
+        searches[key] = result
+        for row in cfg.ROWS:
+            if ROW_SEARCH.get(row) == key:
+                retrain_row(row)
+        if key == "standard" and "random" in cfg.ROWS:
+            path = out / "random.json"
+            submit("random search", functools.partial(searched, "random"), random_search, tasks, cfg.TARGET, result,
+                   utils.read_saved(path, log), path, cfg, ex.device, ex.save, ex.log)
+
+    def base_task_ready(task, genotype, seconds):
+        found[task] = genotype, seconds
+        if len(found) == len(ranked):
+            aware, dictionary_seconds = task_aware_search(target, ranked, found, out / "task_aware", cfg, log)
+            start_search("task_aware", aware,
+                         lambda r: searched("task_aware", dict(r, dictionary_seconds=dictionary_seconds)))
+
+    def dictionary_searched(search, result):
+        write_dictionary(search, result, cfg)
+        base_task_ready(search.task, Genotype.from_json(result["genotype"]), result["seconds"])
+
     for r in ranked if "task_aware" in spaces else []:
         genotype, entry = dictionary_entry(r["task"], data[r["task"]], cfg, log)
         if genotype is None:
-            jobs[r["task"]] = submit(f"{r['task']} (dictionary)", entry)
+            start_search("dictionary", entry, functools.partial(dictionary_searched, entry))
         else:
-            found[r["task"]] = genotype, entry
+            base_task_ready(r["task"], genotype, entry)
     if "standard" in spaces:
-        jobs["standard"] = submit(f"{cfg.TARGET} (standard)", standard_search(
-            cfg.TARGET, data[cfg.TARGET], cfg.ROUNDS, out / "standard", cfg))
-    for key, result in zip(list(jobs), ex.run(list(jobs.values()), "searches", done)):
-        if key == "standard":
-            searches[key] = dict(result, dictionary_seconds=float("nan"))
-        else:
-            found[key] = Genotype.from_json(result["genotype"]), result["seconds"]
-
-    jobs = {}
-    if "task_aware" in spaces:
-        search, dictionary_seconds = task_aware_search(data[cfg.TARGET], ranked, found, out / "task_aware", cfg, log)
-        jobs["task_aware"] = submit(f"{cfg.TARGET} (task_aware)", search)
-    if "random" in cfg.ROWS:
-        path = out / "random.json"
-        jobs["random"] = ex.submit("random search", random_search, tasks, cfg.TARGET, searches["standard"],
-                                   utils.read_saved(path, log), path, cfg, ex.device, ex.save, ex.log)
-    for key, result in zip(list(jobs), ex.run(list(jobs.values()), "searches", done)):
-        searches[key] = dict(result, dictionary_seconds=dictionary_seconds) if key == "task_aware" else result
+        start_search("standard", standard_search(cfg.TARGET, target, cfg.ROUNDS, out / "standard", cfg),
+               lambda r: searched("standard", dict(r, dictionary_seconds=float("nan"))))
+    for row in cfg.ROWS:  # after the searches, whose units others wait for
+        if row not in ROW_SEARCH:
+            retrain_row(row)
+    ex.run(jobs, "units", lambda name, result: then.pop(name)(result))
 
     headline = searches[cfg.SPACE]
     utils.write_json(out / "genotype.json", {k: headline[k] for k in ("task", "space", "genotype", "config", "seconds")})
     log.info("%s: searched genotype in the %s space: %s", cfg.TARGET, cfg.SPACE, "/".join(headline["genotype"]["ops"]))
-    return searches
+    return searches, {row: row_record(row, configs[row], [runs[row, s] for s in cfg.FINAL_SEEDS], out, cfg, log)
+                      for row in cfg.ROWS}
 
 
 def main(argv=None):
@@ -817,10 +819,8 @@ def main(argv=None):
     data.update({r["task"]: utils.load_task(r["task"], cfg, log) for r in ranked or []})
     with executor.start(cfg, device, log) as ex:
         tasks = ex.share(lambda: data)  # one copy of the images for every unit
-        with utils.stage(log, "searches"):
-            searches = run_searches(ex, tasks, data, ranked, out, cfg, log)
-        with utils.stage(log, "rows"):
-            records = run_rows(ex, tasks, data[cfg.TARGET], searches, out, cfg, log)
+        with utils.stage(log, "searches and rows"):
+            searches, records = run_units(ex, tasks, data, ranked, out, cfg, log)
     table = write_table(records, searches, out, cfg, log) if records else None
     log.info("total wall-clock %.1f s", time.perf_counter() - start)
     return table

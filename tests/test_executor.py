@@ -1,6 +1,8 @@
 """EXECUTOR = "ray": the three steps write the same files as the local executor, a killed Ray run of step 2
 resumes to the same matrix, and a unit's bad input stops the run with its own message."""
 import json
+import logging
+import operator
 import os
 import signal
 import subprocess
@@ -98,7 +100,25 @@ def test_ray_writes_what_the_local_executor_writes_and_a_killed_step_2_resumes(l
         assert content(ours[name]) == content(theirs[name]), name
 
 
-def test_ray_retries_a_unit_whose_worker_died_and_stops_on_a_units_bad_input(tmp_path):
+def follow_ups(ex):
+    """A unit whose done submits two more (as step 3 submits a search's rows once the search ends): all three run
+    in the one call, their results in the order of submission."""
+    jobs = []
+
+    def done(name, result):
+        if name == "first":
+            jobs.extend(ex.submit(f"then {i}", operator.add, result, i) for i in (1, 2))
+        return result
+    jobs.append(ex.submit("first", operator.add, 1, 1))
+    return ex.run(jobs, "units", done), jobs
+
+
+def test_the_local_executor_runs_the_units_that_a_done_submits():
+    assert follow_ups(executor.Local(torch.device("cpu"), logging.getLogger("test"))) == ([2, 3, 4], [])
+
+
+def test_ray_retries_a_unit_whose_worker_died_runs_the_units_that_a_done_submits_and_stops_on_a_units_bad_input(
+        tmp_path):
     def dies_once(marker):  # its first worker dies (as if killed), its second attempt succeeds
         if not Path(marker).exists():
             Path(marker).touch()
@@ -113,6 +133,7 @@ def test_ray_retries_a_unit_whose_worker_died_and_stops_on_a_units_bad_input(tmp
     try:  # units defined here go to the workers by value (this test module is not shipped)
         assert ex.run([ex.submit("dies once", dies_once, str(tmp_path / "died"))], "units",
                       lambda name, result: result) == ["second attempt"]
+        assert follow_ups(ex) == ([2, 3, 4], [])
         with pytest.raises(utils.UserError, match="this unit's input is bad"):
             ex.run([ex.submit("bad", bad_input)], "units", lambda name, result: result)
     finally:
