@@ -78,6 +78,9 @@ ALPHA_MARGIN = 0.1        # a round is decided once argmax α held over two alte
                           # lead over the runner-up at least this ...
 MAX_ALTERNATIONS = 3      # ... or undecided after this many alternations (released code: always 5); an
                           # undecided round keeps its member with the best validation accuracy
+MIN_MEMBER_AUROC = 0.6    # a member below this validation AUROC cannot win a round (argmax α and the fallback
+                          # are taken over the others; none left: the incumbent stays): a network with a constant
+                          # output (AUROC 0.5) adds a free offset to the mixture's summed logits, so α can favour it
 W_OPTIMIZER = "adam"      # adam | sgd (momentum 0.9); released code: Adam, default lr, new every alternation
 W_LR = 1e-3
 ALPHA_OPTIMIZER = "adam"  # adam | sgd (momentum 0.9); released code: Adam, default lr, new every alternation
@@ -126,7 +129,7 @@ PRESETS = {
 # reused when these match (TARGET, ROWS and the final budget do not change a search)
 SEARCH_KEYS = frozenset({"SEED", "VAL_FRACTION", "TRAIN_LIMIT", "EVAL_LIMIT", "SEARCH_LIMIT", "NODES",
                          "C", "N", "CANDIDATES", "W_EPOCHS", "ALPHA_EPOCHS", "ALPHA_MARGIN",
-                         "MAX_ALTERNATIONS", "W_OPTIMIZER", "W_LR", "ALPHA_OPTIMIZER", "ALPHA_LR", "BATCH_SIZE",
+                         "MAX_ALTERNATIONS", "MIN_MEMBER_AUROC", "W_OPTIMIZER", "W_LR", "ALPHA_OPTIMIZER", "ALPHA_LR", "BATCH_SIZE",
                          "PRECISION"})
 FINAL_KEYS = frozenset({"SEED", "VAL_FRACTION", "TRAIN_LIMIT", "EVAL_LIMIT", "BATCH_SIZE", "FINAL_LR", "PRECISION"})
 OPTIMIZERS = frozenset({"adam", "sgd"})
@@ -300,7 +303,8 @@ def alternate(mix, train, val, cfg, device, generator, bar=None):
 
 def run_round(candidates, train, val, num_classes, cfg, device, seed, bar=None):
     """One round on fresh weights: the α trajectory, validation accuracies and the winner's index: argmax α
-    when α decided, else the member with the best validation accuracy (the incumbent among equals)."""
+    when α decided, else the member with the best validation accuracy (the incumbent among equals), both over
+    the members that reach MIN_MEMBER_AUROC (`excluded` lists the others)."""
     networks = []
     for genotype in candidates:
         torch.manual_seed(seed)  # an architecture starts from the same weights wherever it sits in the round
@@ -316,11 +320,18 @@ def run_round(candidates, train, val, num_classes, cfg, device, seed, bar=None):
     # the mixture sums the members' logits and their offsets need not each be right
     auroc = [utils.classification_metrics(member, y)["auroc"] for member in logits]
     by_alpha, by_accuracy = int(np.argmax(trajectory[-1])), int(np.argmax(accuracy))  # the first of equals
+    excluded = [i for i, a in enumerate(auroc) if a < cfg.MIN_MEMBER_AUROC]
+    eligible = [i for i in range(len(candidates)) if i not in excluded]
+    if not eligible:
+        winner, rule = 0, f"incumbent (no member reached AUROC {cfg.MIN_MEMBER_AUROC})"
+    elif decided:
+        winner, rule = max(eligible, key=lambda i: trajectory[-1][i]), "alpha"
+    else:
+        winner, rule = max(eligible, key=lambda i: accuracy[i]), "validation accuracy (alpha undecided)"
     return dict(candidates=[g.to_json() for g in candidates], alpha=trajectory,
                 alternations=len(trajectory) - 1, decided=decided, margin=margin(trajectory[-1]),
                 val_accuracy=accuracy, val_auroc=auroc, mixture_val_accuracy=mixture, argmax_alpha=by_alpha,
-                best_val_accuracy=by_accuracy, winner=by_alpha if decided else by_accuracy,
-                decided_by="alpha" if decided else "validation accuracy (alpha undecided)")
+                best_val_accuracy=by_accuracy, excluded=excluded, winner=winner, decided_by=rule)
 
 
 # ----------------------------------------------------------------------------- a FUSE search
@@ -361,12 +372,13 @@ def search_round(search, r, incumbent, train, val, cfg, device, save, log):
                   device=device_label(device))
     save(search.folder / f"round_{r:02d}.json", record)
     log.info("%s (%s) round %d: α %s after %d alternation(s) (%s, lead %.3f), val accuracy %s (AUROC %s), "
-             "mixture %.2f %%; winner %s, %.1f s", search.task, search.space_name, r,
+             "mixture %.2f %%; winner %s (%s)%s, %.1f s", search.task, search.space_name, r,
              [round(a, 4) for a in record["alpha"][-1]], record["alternations"],
              "decided" if record["decided"] else "undecided: best validation accuracy", record["margin"],
              [round(a, 2) for a in record["val_accuracy"]], [round(a, 4) for a in record["val_auroc"]],
-             record["mixture_val_accuracy"],
-             "/".join(candidates[record["winner"]].ops), record["seconds"])
+             record["mixture_val_accuracy"], "/".join(candidates[record["winner"]].ops), record["decided_by"],
+             f"; members {record['excluded']} below AUROC {cfg.MIN_MEMBER_AUROC} cannot win" if record["excluded"]
+             else "", record["seconds"])
     return record
 
 

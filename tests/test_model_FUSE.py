@@ -55,6 +55,25 @@ def test_fuse_picks_the_candidate_that_can_learn(order):
     assert record["val_auroc"][1 - good] == 0.5 < record["val_auroc"][good]  # a constant output ranks nothing
 
 
+def test_a_member_at_chance_never_wins_even_with_the_largest_alpha(monkeypatch):
+    """A constant output adds a free offset to the summed logits, so α can favour it: the round records α's
+    choice but gives the win to the best member that ranks the images; with none such, the incumbent stays."""
+    def favour_the_constant(mix, val, cfg, device, generator):
+        with torch.no_grad():
+            mix.alpha.copy_(torch.tensor([0.0, 2.0]))
+        return model_FUSE.candidate_logits(mix, val.x, cfg)
+    monkeypatch.setattr(model_FUSE, "train_alpha", favour_the_constant)
+    train, val = brightness_splits()
+    record = model_FUSE.run_round([CAN_LEARN, CANNOT_LEARN], train, val, 2, config("--W_EPOCHS=2"),
+                                  torch.device("cpu"), seed=0)
+    assert record["decided"] and record["argmax_alpha"] == 1 and record["val_auroc"][1] == 0.5
+    assert record["excluded"] == [1] and record["winner"] == 0 and record["decided_by"] == "alpha"
+    record = model_FUSE.run_round([CANNOT_LEARN, CAN_LEARN], train, val, 2, config("--W_EPOCHS=2",
+                                  "--MIN_MEMBER_AUROC=1.01"), torch.device("cpu"), seed=0)
+    assert record["excluded"] == [0, 1] and record["winner"] == 0
+    assert record["decided_by"] == "incumbent (no member reached AUROC 1.01)"
+
+
 def test_alpha_decides_once_its_argmax_holds_with_a_lead():
     cfg = config("--MAX_ALTERNATIONS=5", "--ALPHA_MARGIN=0.2", "--ALPHA_EPOCHS=3")
     train, val = brightness_splits(32, 16)
