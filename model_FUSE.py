@@ -706,12 +706,17 @@ def plot_alpha(records, path, title):
 def plot_error_params(table, path, target):
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
-    for columns, marker, label in ((("Params (M)", "Error (%)"), "o", f"ours ({target}, test split)"),
-                                   (("Paper params (M)", "Paper error (%)"), "x", "paper (Quick, Draw! moon)")):
+    span, placed = np.ptp(pd.concat([table["Error (%)"], table["Paper error (%)"]])) or 1.0, []
+    ours, paper = f"ours ({target}, test split; ± sd over seeds)", "paper (Quick, Draw! moon)"
+    for columns, marker, label, sd in ((("Params (M)", "Error (%)"), "o", ours, table["Error sd"]),
+                                       (("Paper params (M)", "Paper error (%)"), "x", paper, None)):
         x, y = table[columns[0]], table[columns[1]]
-        ax.scatter(x, y, marker=marker, label=label)
+        ax.errorbar(x, y, yerr=sd, fmt=marker, capsize=2, label=label)
         for name, xi, yi in zip(table["Architecture"], x, y):
-            ax.annotate(name, (xi, yi), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            # a label above the ones already placed at about the same point, so that equal rows stay readable
+            near = sum(abs(math.log10(xi / px)) < 0.2 and abs(yi - py) < 0.05 * span for px, py in placed)
+            ax.annotate(name, (xi, yi), fontsize=6, xytext=(4, 3 + 9 * near), textcoords="offset points")
+            placed.append((xi, yi))
     ax.set_xscale("log")
     ax.set_xlabel("parameters (M)")
     ax.set_ylabel("test error (%)")
