@@ -129,8 +129,8 @@ PRESETS = {
 # reused when these match (TARGET, ROWS and the final budget do not change a search)
 SEARCH_KEYS = frozenset({"SEED", "VAL_FRACTION", "TRAIN_LIMIT", "EVAL_LIMIT", "SEARCH_LIMIT", "NODES",
                          "C", "N", "CANDIDATES", "W_EPOCHS", "ALPHA_EPOCHS", "ALPHA_MARGIN",
-                         "MAX_ALTERNATIONS", "MIN_MEMBER_AUROC", "W_OPTIMIZER", "W_LR", "ALPHA_OPTIMIZER", "ALPHA_LR", "BATCH_SIZE",
-                         "PRECISION"})
+                         "MAX_ALTERNATIONS", "MIN_MEMBER_AUROC", "W_OPTIMIZER", "W_LR", "ALPHA_OPTIMIZER", "ALPHA_LR",
+                         "BATCH_SIZE", "PRECISION"})
 FINAL_KEYS = frozenset({"SEED", "VAL_FRACTION", "TRAIN_LIMIT", "EVAL_LIMIT", "BATCH_SIZE", "FINAL_LR", "PRECISION"})
 OPTIMIZERS = frozenset({"adam", "sgd"})
 AT_LEAST_ONE = frozenset({"K", "C", "N", "CANDIDATES", "ROUNDS", "BASE_ROUNDS", "W_EPOCHS", "ALPHA_EPOCHS",
@@ -320,8 +320,8 @@ def run_round(candidates, train, val, num_classes, cfg, device, seed, bar=None):
     # the mixture sums the members' logits and their offsets need not each be right
     auroc = [utils.classification_metrics(member, y)["auroc"] for member in logits]
     by_alpha, by_accuracy = int(np.argmax(trajectory[-1])), int(np.argmax(accuracy))  # the first of equals
-    excluded = [i for i, a in enumerate(auroc) if a < cfg.MIN_MEMBER_AUROC]
-    eligible = [i for i in range(len(candidates)) if i not in excluded]
+    eligible = [i for i, a in enumerate(auroc) if a >= cfg.MIN_MEMBER_AUROC]
+    excluded = [i for i in range(len(candidates)) if i not in eligible]
     if not eligible:
         winner, rule = 0, f"incumbent (no member reached AUROC {cfg.MIN_MEMBER_AUROC})"
     elif decided:
@@ -810,7 +810,7 @@ def run_units(ex, tasks, data, ranked, out, cfg, log):
             base_task_ready(r["task"], genotype, entry)
     if "standard" in spaces:
         start_search("standard", standard_search(cfg.TARGET, target, cfg.ROUNDS, out / "standard", cfg),
-               lambda r: searched("standard", dict(r, dictionary_seconds=float("nan"))))
+                     lambda r: searched("standard", dict(r, dictionary_seconds=float("nan"))))
     for row in cfg.ROWS:  # after the searches, whose units others wait for
         if row not in ROW_SEARCH:
             retrain_row(row)
