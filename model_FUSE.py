@@ -553,7 +553,7 @@ def random_search(tasks, target, standard, saved, path, cfg, device, save, log):
     log.info("random search on %s: %d trials, best %s (val accuracy %.2f %%)", data.name, len(trials),
              "/".join(best["genotype"]["ops"]), best["val_accuracy"])
     return dict(genotype=best["genotype"], seconds=sum(t["seconds"] for t in trials),
-                device=", ".join(sorted({t["device"] for t in trials})), dictionary_seconds=float("nan"))
+                device=", ".join(sorted({t["device"] for t in trials})))
 
 
 # ----------------------------------------------------------------------------- comparison rows
@@ -655,7 +655,7 @@ def table_row(row, record, searches, reference):
             "Params (M)": record["params"] / 1e6, "Seeds": len(errors),
             "Retrain budget": f"{config['epochs']} ep × {config['images'] or 'all'} img",
             "Search (s)": search["seconds"] if search else float("nan"),
-            "Dictionary (s)": search["dictionary_seconds"] if search else float("nan"),
+            "Dictionary (s)": (search or {}).get("dictionary_seconds", float("nan")),
             "Retrain (s)": record["seconds"], "Device": search["device"] if search else record["device"],
             "Paper error (%)": paper_error, "Paper params (M)": paper_params,
             "Paper GPU days": float("nan") if paper_days is None else paper_days}
@@ -810,7 +810,7 @@ def run_units(ex, tasks, data, ranked, out, cfg, log):
             base_task_ready(r["task"], genotype, entry)
     if "standard" in spaces:
         start_search("standard", standard_search(cfg.TARGET, target, cfg.ROUNDS, out / "standard", cfg),
-                     lambda r: searched("standard", dict(r, dictionary_seconds=float("nan"))))
+                     functools.partial(searched, "standard"))
     for row in cfg.ROWS:  # after the searches, whose units others wait for
         if row not in ROW_SEARCH:
             retrain_row(row)
