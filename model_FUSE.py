@@ -713,9 +713,10 @@ def plot_error_params(table, path, target):
         x, y = table[columns[0]], table[columns[1]]
         ax.errorbar(x, y, yerr=sd, fmt=marker, capsize=2, label=label)
         for name, xi, yi in zip(table["Architecture"], x, y):
-            # a label above the ones already placed at about the same point, so that equal rows stay readable
-            near = sum(abs(math.log10(xi / px)) < 0.2 and abs(yi - py) < 0.05 * span for px, py in placed)
-            ax.annotate(name, (xi, yi), fontsize=6, xytext=(4, 3 + 9 * near), textcoords="offset points")
+            # near the points already labelled: below them when lower than all, else stacked above, so labels stay apart
+            near = [py for px, py in placed if abs(math.log10(xi / px)) < 0.2 and abs(yi - py) < 0.05 * span]
+            dy = -10 if near and all(yi < py for py in near) else 3 + 9 * len(near)
+            ax.annotate(name, (xi, yi), fontsize=6, xytext=(4, dy), textcoords="offset points")
             placed.append((xi, yi))
     ax.set_xscale("log")
     ax.set_xlabel("parameters (M)")
