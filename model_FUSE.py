@@ -280,27 +280,39 @@ def train_alpha(mix, val, cfg, device, generator):
     return logits
 
 
-def margin(weights):
-    """softmax(α)'s lead of the first candidate over the runner-up."""
-    top = sorted(weights, reverse=True)
-    return top[0] - top[1] if len(top) > 1 else 1.0
+def margin(weights, members):
+    """softmax(α)'s lead of the first of `members` over the runner-up among them; 0 without a runner-up, where
+    α has no choice to make."""
+    top = sorted((weights[i] for i in members), reverse=True)
+    return top[0] - top[1] if len(top) > 1 else 0.0
+
+
+def eligible_members(logits, y, cfg):
+    """The members that may win a round, by their validation AUROC (threshold-free: a member alone can sit at
+    the majority class while it ranks the images well, because the mixture sums the members' logits and their
+    offsets need not each be right), and those AUROCs."""
+    auroc = [utils.classification_metrics(member, y)["auroc"] for member in logits]
+    return [i for i, a in enumerate(auroc) if a >= cfg.MIN_MEMBER_AUROC], auroc
 
 
 def alternate(mix, train, val, cfg, device, generator, bar=None):
-    """(i) then (ii) until α is decided (its argmax held over two alternations with a lead of at least
-    ALPHA_MARGIN) or MAX_ALTERNATIONS is reached.
+    """(i) then (ii) until α is decided among the members that may win (its argmax over them held over two
+    alternations with a lead of at least ALPHA_MARGIN) or MAX_ALTERNATIONS is reached.
 
-    Returns softmax(α) before and after every alternation, whether α decided, and the last val logits.
+    Returns softmax(α) before and after every alternation, whether α decided, the last val logits, the members
+    that may win and every member's validation AUROC.
     """
-    trajectory = [mix.softmax_alpha().cpu().tolist()]
+    trajectory, y, choices = [mix.softmax_alpha().cpu().tolist()], val.y.to(device), []
     while True:
         train_weights(mix, train, cfg, device, generator, bar)
         logits = train_alpha(mix, val, cfg, device, generator)
         trajectory.append(mix.softmax_alpha().cpu().tolist())
-        held = len(trajectory) > 2 and int(np.argmax(trajectory[-1])) == int(np.argmax(trajectory[-2]))
-        decided = held and margin(trajectory[-1]) >= cfg.ALPHA_MARGIN
+        eligible, auroc = eligible_members(logits, y.to(logits.device), cfg)
+        choices.append(max(eligible, key=lambda i: trajectory[-1][i]) if eligible else None)
+        held = len(choices) > 1 and choices[-1] is not None and choices[-1] == choices[-2]
+        decided = held and margin(trajectory[-1], eligible) >= cfg.ALPHA_MARGIN
         if decided or len(trajectory) > cfg.MAX_ALTERNATIONS:
-            return trajectory, decided, logits
+            return trajectory, decided, logits, eligible, auroc
 
 
 def run_round(candidates, train, val, num_classes, cfg, device, seed, bar=None):
@@ -312,17 +324,13 @@ def run_round(candidates, train, val, num_classes, cfg, device, seed, bar=None):
         torch.manual_seed(seed)  # an architecture starts from the same weights wherever it sits in the round
         networks.append(build_network(genotype, num_classes))
     mix = FuseMixture(networks).to(device)
-    trajectory, decided, logits = alternate(mix, train, val, cfg, device,
-                                            torch.Generator().manual_seed(seed), bar)
+    trajectory, decided, logits, eligible, auroc = alternate(mix, train, val, cfg, device,
+                                                             torch.Generator().manual_seed(seed), bar)
     y = val.y.to(logits.device)
     with torch.no_grad():
         accuracy = (logits.argmax(-1) == y).float().mean(-1).mul(100).tolist()
         mixture = float((mix.combine(logits).argmax(-1) == y).float().mean().mul(100))
-    # threshold-free: a member alone can sit at the majority class while it ranks the images well, because
-    # the mixture sums the members' logits and their offsets need not each be right
-    auroc = [utils.classification_metrics(member, y)["auroc"] for member in logits]
     by_alpha, by_accuracy = int(np.argmax(trajectory[-1])), int(np.argmax(accuracy))  # the first of equals
-    eligible = [i for i, a in enumerate(auroc) if a >= cfg.MIN_MEMBER_AUROC]
     excluded = [i for i in range(len(candidates)) if i not in eligible]
     if not eligible:
         winner, rule = 0, f"incumbent (no member reached AUROC {cfg.MIN_MEMBER_AUROC})"
@@ -331,7 +339,8 @@ def run_round(candidates, train, val, num_classes, cfg, device, seed, bar=None):
     else:
         winner, rule = max(eligible, key=lambda i: accuracy[i]), "validation accuracy (alpha undecided)"
     return dict(candidates=[g.to_json() for g in candidates], alpha=trajectory,
-                alternations=len(trajectory) - 1, decided=decided, margin=margin(trajectory[-1]),
+                alternations=len(trajectory) - 1, decided=decided,
+                margin=margin(trajectory[-1], eligible),
                 val_accuracy=accuracy, val_auroc=auroc, mixture_val_accuracy=mixture, argmax_alpha=by_alpha,
                 best_val_accuracy=by_accuracy, excluded=excluded, winner=winner, decided_by=rule)
 

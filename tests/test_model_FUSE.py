@@ -64,18 +64,39 @@ def test_a_member_at_chance_never_wins_even_with_the_largest_alpha(monkeypatch):
         return model_FUSE.candidate_logits(mix, val.x, cfg)
     monkeypatch.setattr(model_FUSE, "train_alpha", favour_the_constant)
     train, val = brightness_splits()
-    record = model_FUSE.run_round([CAN_LEARN, CANNOT_LEARN], train, val, 2, config("--W_EPOCHS=2"),
-                                  torch.device("cpu"), seed=0)
-    assert record["decided"] and record["argmax_alpha"] == 1 and record["val_auroc"][1] == 0.5
-    assert record["excluded"] == [1] and record["winner"] == 0 and record["decided_by"] == "alpha"
+    cfg = config("--W_EPOCHS=2")
+    record = model_FUSE.run_round([CAN_LEARN, CANNOT_LEARN], train, val, 2, cfg, torch.device("cpu"), seed=0)
+    assert record["argmax_alpha"] == 1 and record["val_auroc"][1] == 0.5
+    assert record["excluded"] == [1] and record["winner"] == 0
+    # one member may win: α has no choice to make, so the round is not α's decision
+    assert not record["decided"] and record["margin"] == 0 and record["alternations"] == cfg.MAX_ALTERNATIONS
+    assert record["decided_by"] == "validation accuracy (alpha undecided)"
     record = model_FUSE.run_round([CANNOT_LEARN, CAN_LEARN], train, val, 2, config("--W_EPOCHS=2",
                                   "--MIN_MEMBER_AUROC=1.01"), torch.device("cpu"), seed=0)
     assert record["excluded"] == [0, 1] and record["winner"] == 0
     assert record["decided_by"] == "incumbent (no member reached AUROC 1.01)"
 
 
+def test_alpha_decides_among_the_members_that_may_win_only(monkeypatch):
+    """α's lead of a constant member over two tied ones that learn decides nothing: the round's margin is
+    taken among the eligible members, so it stays undecided and falls back to their validation accuracy."""
+    def favour_the_constant(mix, val, cfg, device, generator):
+        with torch.no_grad():
+            mix.alpha.copy_(torch.tensor([0.0, 0.0, 2.0]))
+        return model_FUSE.candidate_logits(mix, val.x, cfg)
+    monkeypatch.setattr(model_FUSE, "train_alpha", favour_the_constant)
+    train, val = brightness_splits()
+    also_learns = Genotype(("skip_connect", "avg_pool_3x3", "skip_connect"), 3, 4, 1)
+    record = model_FUSE.run_round([CAN_LEARN, also_learns, CANNOT_LEARN], train, val, 2,
+                                  config("--W_EPOCHS=2", "--MAX_ALTERNATIONS=3"), torch.device("cpu"), seed=0)
+    assert record["argmax_alpha"] == 2 and record["excluded"] == [2]
+    assert not record["decided"] and record["margin"] == 0 and record["alternations"] == 3
+    assert record["decided_by"] == "validation accuracy (alpha undecided)"
+    assert record["winner"] == max([0, 1], key=lambda i: record["val_accuracy"][i])
+
+
 def test_alpha_decides_once_its_argmax_holds_with_a_lead():
-    cfg = config("--MAX_ALTERNATIONS=5", "--ALPHA_MARGIN=0.2", "--ALPHA_EPOCHS=3")
+    cfg = config("--MAX_ALTERNATIONS=5", "--ALPHA_MARGIN=0.2", "--ALPHA_EPOCHS=3", "--MIN_MEMBER_AUROC=0")
     train, val = brightness_splits(32, 16)
     record = model_FUSE.run_round([CAN_LEARN, CANNOT_LEARN], train, val, 2, cfg, torch.device("cpu"), seed=0)
     assert record["decided"] and record["decided_by"] == "alpha"
