@@ -13,6 +13,8 @@ CKPT_DIR/search/:
   <target>/random.json             the random-search trials
   <target>/rows/<row>.json|_seedS.pt  each comparison row retrained from scratch, scored on test
   <target>/table.csv, table.md, error_vs_params.png
+  <target>/searches.csv, searches.md  each search the target used: rounds, α decided, α's agreement with the
+                                   members' validation accuracy and AUROC, minutes, genotype
 """
 import contextlib
 import functools
@@ -675,7 +677,8 @@ def table_row(row, record, searches, reference):
 FORMATS = {"Error (%)": "{:.2f}", "Error sd": "{:.2f}", "Δ vs TA-NAS (points)": "{:+.2f}", "95% CI low": "{:+.2f}",
            "95% CI high": "{:+.2f}", "Balanced error (%)": "{:.2f}", "AUROC": "{:.4f}", "Params (M)": "{:.3f}",
            "Search (s)": "{:.0f}", "Dictionary (s)": "{:.0f}", "Retrain (s)": "{:.0f}", "Paper error (%)": "{:.2f}",
-           "Paper params (M)": "{:.2f}", "Paper GPU days": "{:g}"}
+           "Paper params (M)": "{:.2f}", "Paper GPU days": "{:g}", "rounds": "{:.0f}", "decided": "{:.0f}",
+           "alpha_is_best_val_accuracy": "{:.0f}", "alpha_is_best_val_auroc": "{:.0f}", "minutes": "{:.1f}"}
 
 
 def markdown(table):
@@ -745,6 +748,39 @@ def write_table(records, searches, out, cfg, log):
     utils.atomic_write(out / "table.md", lambda tmp: Path(tmp).write_text(text))
     plot_error_params(table, out / "error_vs_params.png", cfg.TARGET)
     log.info("comparison on %s (test split; %s/table.csv, table.md):\n%s", cfg.TARGET, out, text)
+    return table
+
+
+def search_summary(ranked, searches, out, cfg, log):
+    """searches.csv / .md: one line per search the target used (its closest base tasks' dictionary searches, then
+    its own): rounds, how many α decided, how often argmax α was the member with the best validation accuracy
+    and with the best validation AUROC, minutes (one-thread units) and the genotype found."""
+    def line(label, rounds, genotype, seconds):  # rounds None: a search without rounds (random search)
+        def count(agrees):
+            return math.nan if rounds is None else sum(map(agrees, rounds))
+        return {"search": label, "rounds": count(lambda r: True), "decided": count(lambda r: r["decided"]),
+                "alpha_is_best_val_accuracy": count(lambda r: r["argmax_alpha"] == int(np.argmax(r["val_accuracy"]))),
+                "alpha_is_best_val_auroc": count(lambda r: r["argmax_alpha"] == int(np.argmax(r["val_auroc"]))),
+                "minutes": seconds / 60, "genotype": " / ".join(genotype["ops"])}
+    lines = []
+    for r in ranked or []:
+        path = dictionary_path(cfg, r["task"])
+        entry, folder = utils.read_saved(path), path.with_suffix("")
+        rounds = [utils.read_saved(folder / f"round_{k:02d}.json") for k in range(1, cfg.BASE_ROUNDS + 1)]
+        if entry and "config" in entry and all(rounds):  # not for a genotype given by hand
+            lines.append(line(f"dictionary: {r['task']}", rounds, entry["genotype"], entry["seconds"]))
+    for key in [k for k in ROW_SEARCH.values() if k in searches]:
+        result = searches[key]
+        if key == "random":
+            trials = len(utils.read_saved(out / "random.json")["trials"])
+            lines.append(line(f"random search ({trials} trials)", None, result["genotype"], result["seconds"]))
+        else:
+            lines.append(line(f"{key.replace('_', '-')} space", result["rounds"], result["genotype"], result["seconds"]))
+    table = pd.DataFrame(lines)
+    utils.atomic_write(out / "searches.csv", lambda tmp: table.to_csv(tmp, index=False))
+    text = markdown(table)
+    utils.atomic_write(out / "searches.md", lambda tmp: Path(tmp).write_text(text))
+    log.info("searches for %s (%s/searches.csv, searches.md):\n%s", cfg.TARGET, out, text)
     return table
 
 
@@ -850,6 +886,7 @@ def main(argv=None):
         tasks = ex.share(lambda: data)  # one copy of the images for every unit
         with utils.stage(log, "searches and rows"):
             searches, records = run_units(ex, tasks, data, ranked, out, cfg, log)
+    search_summary(ranked, searches, out, cfg, log)
     table = write_table(records, searches, out, cfg, log) if records else None
     log.info("total wall-clock %.1f s", time.perf_counter() - start)
     return table

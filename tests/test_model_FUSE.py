@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -370,6 +371,15 @@ def test_main_smoke_writes_table_and_plots_and_never_searches_on_test(data_dir, 
             "margin", "alternations", "decided_by"} <= set(rounds)
     first = json.loads((tmp_path / "search" / "dictionary" / "trouser.json").read_text())["genotype"]
     assert rounds["candidates"][0]["ops"] == first["ops"]  # the search starts from the closest task's genotype
+    # one line per search: the two dictionary entries, then the target's own, counted from their round files
+    searches = pd.read_csv(out / "searches.csv")
+    assert list(searches["search"]) == ["dictionary: trouser", "dictionary: tshirt", "task-aware space",
+                                        "standard space", "random search (4 trials)"]
+    aware = json.loads((out / "task_aware" / "result.json").read_text())
+    assert searches.loc[2, "rounds"] == 2 and searches.loc[2, "decided"] == aware["decided_rounds"]
+    assert searches.loc[2, "genotype"] == " / ".join(aware["genotype"]["ops"])
+    assert searches["rounds"].isna().tolist() == [False] * 4 + [True]
+    assert "| random search (4 trials) | – | – |" in (out / "searches.md").read_text()
 
     # the test images are read once per retraining (4 rows x 2 seeds), by the final evaluation only;
     # the searches (FUSE, the dictionary's, random search) never read them
