@@ -720,21 +720,26 @@ def plot_alpha(records, path, title):
 def plot_error_params(table, path, target):
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
-    span, placed = np.ptp(pd.concat([table["Error (%)"], table["Paper error (%)"]])) or 1.0, []
+    # errors on a log scale: a row that failed to train (tens of %) would otherwise flatten the others into a line
+    errors = np.log10(pd.concat([table["Error (%)"], table["Paper error (%)"]]).clip(lower=0.01))
+    span, placed = np.ptp(errors) or 1.0, []
     ours, paper = f"ours ({target}, test split; ± sd over seeds)", "paper (Quick, Draw! moon)"
     for columns, marker, label, sd in ((("Params (M)", "Error (%)"), "o", ours, table["Error sd"]),
                                        (("Paper params (M)", "Paper error (%)"), "x", paper, None)):
-        x, y = table[columns[0]], table[columns[1]]
-        ax.errorbar(x, y, yerr=sd, fmt=marker, capsize=2, label=label)
+        x, y = table[columns[0]], table[columns[1]].clip(lower=0.01)
+        bars = None if sd is None else [np.minimum(sd, 0.9 * y), sd]  # a lower bar stops above 0
+        ax.errorbar(x, y, yerr=bars, fmt=marker, capsize=2, label=label)
         for name, xi, yi in zip(table["Architecture"], x, y):
             # near the points already labelled: below them when lower than all, else stacked above, so labels stay apart
-            near = [py for px, py in placed if abs(math.log10(xi / px)) < 0.2 and abs(yi - py) < 0.05 * span]
+            near = [py for px, py in placed
+                    if abs(math.log10(xi / px)) < 0.2 and abs(math.log10(yi / py)) < 0.05 * span]
             dy = -10 if near and all(yi < py for py in near) else 3 + 9 * len(near)
             ax.annotate(name, (xi, yi), fontsize=6, xytext=(4, dy), textcoords="offset points")
             placed.append((xi, yi))
     ax.set_xscale("log")
+    ax.set_yscale("log")
     ax.set_xlabel("parameters (M)")
-    ax.set_ylabel("test error (%)")
+    ax.set_ylabel("test error (%, log scale)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     utils.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
