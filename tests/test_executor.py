@@ -27,7 +27,7 @@ STEPS = [(train_task, [f"--TASKS={TASKS}"]),
          (prune_transform, ["--SOURCES=['mnist0', 'tshirt', 'trouser']", "--TARGETS=['sandal']", "--K=2"]),
          (model_FUSE, ["--K=2", "--ROWS=['fuse_task_aware', 'fuse_standard', 'random']"])]  # ResNet-18: a minute more
 RAY = ["--EXECUTOR=ray", "--CPUS_PER_UNIT=1"]
-CLOCKS = {"seconds", "device", "environment", "Search (s)", "Dictionary (s)", "Retrain (s)", "Device"}
+CLOCKS = {"seconds", "device", "environment", "Search (s)", "Dictionary (s)", "Retrain (s)", "Device", "minutes"}
 
 
 def run(module, ckpt, *args):
@@ -85,10 +85,11 @@ def test_ray_writes_what_the_local_executor_writes_and_a_killed_step_2_resumes(l
     process.send_signal(signal.SIGKILL)
     _, err = process.communicate()
     first = list(pairs.glob("*.json"))
-    assert len(first) == 1, err[-2000:]  # killed part-way: one of three pairs written
-    written = first[0].stat().st_mtime_ns
+    # killed part-way: one or two of three pairs written (two units run at once and can end together)
+    assert 1 <= len(first) < 3, err[-2000:]
+    written = [p.stat().st_mtime_ns for p in first]
     run(prune_transform, tmp_path, *STEPS[1][1], *RAY)
-    assert first[0].stat().st_mtime_ns == written  # the rerun skipped the finished pair
+    assert [p.stat().st_mtime_ns for p in first] == written  # the rerun skipped the finished pairs
     run(model_FUSE, tmp_path, *STEPS[2][1], *RAY)
 
     ours, theirs = results(tmp_path), results(local)
