@@ -745,12 +745,18 @@ def plot_error_params(table, path, target):
     utils.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
 
 
+def write_frame(table, stem):
+    """A table as <stem>.csv and <stem>.md, atomically; returns the Markdown."""
+    utils.atomic_write(stem.with_suffix(".csv"), lambda tmp: table.to_csv(tmp, index=False))
+    text = markdown(table)
+    utils.atomic_write(stem.with_suffix(".md"), lambda tmp: Path(tmp).write_text(text))
+    return text
+
+
 def write_table(records, searches, out, cfg, log):
     reference = records.get("fuse_task_aware")
     table = pd.DataFrame([table_row(row, record, searches, reference) for row, record in records.items()])
-    utils.atomic_write(out / "table.csv", lambda tmp: table.to_csv(tmp, index=False))
-    text = markdown(table)
-    utils.atomic_write(out / "table.md", lambda tmp: Path(tmp).write_text(text))
+    text = write_frame(table, out / "table")
     plot_error_params(table, out / "error_vs_params.png", cfg.TARGET)
     log.info("comparison on %s (test split; %s/table.csv, table.md):\n%s", cfg.TARGET, out, text)
     return table
@@ -782,9 +788,7 @@ def search_summary(ranked, searches, out, cfg, log):
         else:
             lines.append(line(f"{key.replace('_', '-')} space", result["rounds"], result["genotype"], result["seconds"]))
     table = pd.DataFrame(lines)
-    utils.atomic_write(out / "searches.csv", lambda tmp: table.to_csv(tmp, index=False))
-    text = markdown(table)
-    utils.atomic_write(out / "searches.md", lambda tmp: Path(tmp).write_text(text))
+    text = write_frame(table, out / "searches")
     log.info("searches for %s (%s/searches.csv, searches.md):\n%s", cfg.TARGET, out, text)
     return table
 
