@@ -3,6 +3,7 @@
 python benchmarks/study_distance.py --ckpt=CKPT [--data=DATA] [--targets=T,...] [--seeds=0,1]
                                     [--variants=NAME,...] [--work=DIR] [--out=DIR] [--NAME=value ...]
 python benchmarks/study_distance.py --compare=MATRIX.csv [--out=DIR]
+python benchmarks/study_distance.py --matrix=CKPT_SEED0,CKPT_SEED1 [--out=DIR]
 
 The first form runs prune_transform.py for every variant (a set of its constants) and every transfer
 seed, on the step-1 networks in CKPT/tasks, each run in its own folder under --work (finished pairs are
@@ -17,6 +18,11 @@ and writes <out>/distance_study.csv and distance_study.md, and every entry under
 distance_study_pairs.csv (distance empty: infeasible).
 The second form compares a full distance matrix with the paper's (results/paper_distance_matrix.csv):
 block means and Spearman correlations, overall and per target column, into <out>/distance_vs_paper.csv.
+The third form judges the matrices prune_transform.py measured at its defaults, one CKPT_DIR per transfer
+seed on the same step-1 networks, by the three criteria (stable: over the entries both seeds measured) and
+compares the first with the paper's: <out>/distance_matrix.csv and distance_matrix_seed1.csv (the matrices),
+distance_matrix_criteria.csv, distance_matrix_columns.csv (per target: Spearman between the seeds, the
+three closest of each) and distance_vs_paper.csv.
 """
 import argparse
 import sys
@@ -66,6 +72,8 @@ def arguments(argv):
     p.add_argument("--out", default=str(REPO / "results"), help="folder of the study table")
     p.add_argument("--device", default="auto")
     p.add_argument("--compare", help="compare this matrix.csv with the paper's, and stop")
+    p.add_argument("--matrix", help="CKPT_DIRs of prune_transform runs at its defaults, one per transfer seed "
+                                    "(comma-separated): judge their matrices, and stop")
     args, extra = p.parse_known_args(argv)
     if any(not a.startswith("--") or not a[2:].split("=")[0].isupper() for a in extra):
         p.error(f"unrecognized arguments: {' '.join(extra)} (prune_transform constants go as --NAME=value)")
@@ -259,10 +267,76 @@ def compare(path, out):
     return frame
 
 
+# ----------------------------------------------------------------------------- the full matrix
+def seed_table(folder):
+    """A CKPT_DIR's measured matrix (distances/matrix.csv: rows source, columns the targets every source was
+    measured for, infeasible empty) as entries (source, target) -> distance (None: infeasible), whether it lies
+    at an end of the grid (nothing prunable, or still passing at the sparsest level), the unpruned performance;
+    with each pair's saved result."""
+    path = Path(folder) / "distances" / "matrix.csv"
+    if not path.exists():
+        raise SystemExit(f"{path} does not exist: run prune_transform.py with CKPT_DIR={folder} first")
+    matrix = pd.read_csv(path, index_col=0)
+    pairs = {(p["source"], p["target"]): p for p in read_pairs(Path(folder), set(matrix.columns))}
+    table = {}
+    for s in matrix.index:
+        for t in matrix.columns:
+            if s == t:
+                continue
+            p = pairs[s, t]
+            for key in ("PERFORMANCE", "TOLERANCE", "STOP"):
+                if p["config"][key] != getattr(prune_transform, key):
+                    raise SystemExit(f"{folder}: {s} -> {t} was measured with {key} = {p['config'][key]!r}, "
+                                     f"not prune_transform's default {getattr(prune_transform, key)!r}")
+            value = matrix.at[s, t]
+            table[s, t] = dict(distance=None if np.isnan(value) else float(value), unpruned=p["unpruned"][
+                p["config"]["PERFORMANCE"]], at_end=p["first_failing_sparsity"] is None or p["crossing_sparsity"] == 0)
+    return matrix, table, pairs
+
+
+def closest(table, target, k=3):
+    rows = sorted(((e["distance"] is None, e["distance"] or 0, -e["unpruned"], s)
+                   for (s, t), e in table.items() if t == target))
+    return " ".join(r[-1] for r in rows[:k])
+
+
+def matrix_criteria(folders, out):
+    """Criteria 1-3 of the matrices measured in `folders` (one per transfer seed), per target column too, and
+    the first one's comparison with the paper's."""
+    seeds = [seed_table(f) for f in folders]
+    first, pairs = seeds[0][1], seeds[0][2]
+    for _, table, other in seeds[1:]:
+        for key in set(first) & set(table):
+            if any(pairs[key]["config"][n] != other[key]["config"][n] for n in ("source_net", "target_net")):
+                raise SystemExit(f"{key[0]} -> {key[1]}: the seeds were measured on different step-1 networks, "
+                                 "so their matrices cannot be compared")
+    tables = [table for _, table, _ in seeds]
+    rule = (prune_transform.PERFORMANCE, prune_transform.TOLERANCE)
+    row = score(tables, [pairs[k]["seconds"] for k in first], "default", rule)
+    criteria = pd.DataFrame([dict(row, targets=seeds[0][0].shape[1], **passes(row))])
+    columns = []
+    for t in seeds[0][0].columns:
+        keys = [k for k in first if k[1] == t and all(k in table for table in tables[1:])]
+        columns.append(dict(target=t, sources=sum(k[1] == t for k in first),
+                            spearman_seeds=spearman(*[[table[k]["distance"] for k in keys] for table in tables[:2]])
+                            if len(tables) > 1 else float("nan"),
+                            **{f"closest_seed{i}": closest(table, t) for i, table in enumerate(tables)}))
+    out = Path(out)
+    for i, (matrix, _, _) in enumerate(seeds):
+        matrix.to_csv(out / ("distance_matrix.csv" if i == 0 else f"distance_matrix_seed{i}.csv"), float_format="%.4f")
+    criteria.to_csv(out / "distance_matrix_criteria.csv", index=False, float_format="%.4g")
+    pd.DataFrame(columns).to_csv(out / "distance_matrix_columns.csv", index=False, float_format="%.4g")
+    print(criteria.T.to_string(header=False), pd.DataFrame(columns).to_string(index=False, float_format="{:.3g}".format),
+          sep="\n\n")
+    return criteria, compare(out / "distance_matrix.csv", out)
+
+
 def main(argv=None):
     args = arguments(argv)
     args.device = str(utils.get_device(args.device))
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    if args.matrix:
+        return matrix_criteria(args.matrix.split(","), args.out)
     return compare(args.compare, args.out) if args.compare else study(args)
 
 

@@ -104,6 +104,61 @@ def test_study_reads_relative_and_level_rules_off_a_whole_curve():
     assert between["distance"] == pytest.approx(500 ** 0.5)  # 79 is halfway from 79.5 (50 % kept) to 78.5 (10 %)
 
 
+def write_matrix_run(folder, distances, seed, nets="n"):
+    """A prune_transform CKPT_DIR at its defaults: distances/matrix.csv and one pair JSON per entry."""
+    import prune_transform
+    import utils
+    (folder / "distances" / "pairs").mkdir(parents=True)
+    distances.to_csv(folder / "distances" / "matrix.csv")
+    config = dict(PERFORMANCE=prune_transform.PERFORMANCE, TOLERANCE=prune_transform.TOLERANCE,
+                  STOP=prune_transform.STOP, TRANSFER_SEED=seed)
+    for s in distances.index:
+        for t in distances.columns:
+            d = distances.at[s, t]
+            utils.write_json(folder / "distances" / "pairs" / f"{s}__{t}.json", dict(
+                source=s, target=t, config=dict(config, source_net=nets + s, target_net=nets + t),
+                unpruned=dict(auroc=0.95 if np.isnan(d) else 0.99), seconds=100.0 + seed,
+                crossing_sparsity=0.0 if d == 100 else 0.9, first_failing_sparsity=0.95))
+
+
+def test_matrix_criteria_judge_two_seeds_and_compare_with_the_paper(tmp_path):
+    import study_distance
+    sources, targets = study_distance.prune_transform.SOURCES, ["mnist3", "coat"]
+    rng = np.random.default_rng(0)
+    seed0 = pd.DataFrame(rng.uniform(2, 8, (len(sources), 2)), index=sources, columns=targets)
+    seed0.loc["mnist3", "mnist3"] = seed0.loc["coat", "coat"] = 0.0  # the diagonal, as matrix.csv writes it
+    seed0.loc["mnist4", "mnist3"] = 1.0  # nearest to mnist3
+    seed0.loc["trouser", "coat"] = np.nan  # infeasible
+    seed0.loc["dress", "coat"] = 100.0  # nothing prunable: at the grid's end
+    seed1 = seed0 + rng.normal(0, 0.01, seed0.shape)
+    write_matrix_run(tmp_path / "s0", seed0, 0)
+    write_matrix_run(tmp_path / "s1", seed1, 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    criteria, versus = study_distance.main([f"--matrix={tmp_path / 's0'},{tmp_path / 's1'}", f"--out={out}"])
+    row = criteria.iloc[0]
+    assert row["pairs"] == 18 and row["infeasible_pct"] == pytest.approx(100 / 18)
+    assert row["at_grid_end_pct"] == pytest.approx(100 / 18) and not row["graded"]  # 11 % > 10 %
+    assert row["spearman_seeds"] > 0.99 and row["stable"] and row["pairs_both_seeds"] == 18
+    columns = pd.read_csv(out / "distance_matrix_columns.csv").set_index("target")
+    assert columns.at["mnist3", "closest_seed0"].split()[0] == "mnist4"
+    pd.testing.assert_frame_equal(pd.read_csv(out / "distance_matrix_seed1.csv", index_col=0), seed1, atol=1e-4)
+    blocks = versus.set_index("what")["ours"]
+    mnist = [v for s, v in seed0["mnist3"].items() if s.startswith("mnist") and s != "mnist3"]
+    assert blocks["block mean mnist -> mnist"] == pytest.approx(np.mean(mnist), abs=1e-4)
+    assert blocks["block mean fashion -> fashion"] == pytest.approx(seed0["coat"].drop("coat").iloc[5:].mean(), abs=1e-4)
+
+
+def test_matrix_criteria_refuse_seeds_measured_on_other_networks(tmp_path):
+    import study_distance
+    sources = study_distance.prune_transform.SOURCES
+    table = pd.DataFrame(np.arange(len(sources), dtype=float)[:, None] + 1, index=sources, columns=["coat"])
+    write_matrix_run(tmp_path / "s0", table, 0)
+    write_matrix_run(tmp_path / "s1", table, 1, nets="other")
+    with pytest.raises(SystemExit, match="different step-1 networks"):
+        study_distance.main([f"--matrix={tmp_path / 's0'},{tmp_path / 's1'}", f"--out={tmp_path}"])
+
+
 class TinyNet(torch.nn.Module):
     """A stand-in for ResNet-18 with the same parts (convolution, BatchNorm, an `fc` head), in milliseconds."""
 
