@@ -159,8 +159,10 @@ def score(tables, seconds, label, rule):
 
 
 def passes(row):
+    """Each criterion met (True), missed (False), or not measured (None: no copy target, or one seed)."""
     return dict(graded=row["infeasible_pct"] + row["at_grid_end_pct"] <= 10 and row["distinct"] >= 10,
-                valid=row["copies_closest"] >= 3, stable=row["spearman_seeds"] >= 0.8)
+                valid=row["copies_closest"] >= 3 if row["copies"] else None,
+                stable=row["spearman_seeds"] >= 0.8 if row["pairs_both_seeds"] > 2 else None)
 
 
 def levels(args, sources, performance, feasibility, cache={}):

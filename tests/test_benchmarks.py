@@ -140,6 +140,7 @@ def test_matrix_criteria_judge_two_seeds_and_compare_with_the_paper(tmp_path):
     assert row["pairs"] == 18 and row["infeasible_pct"] == pytest.approx(100 / 18)
     assert row["at_grid_end_pct"] == pytest.approx(100 / 18) and not row["graded"]  # 11 % > 10 %
     assert row["spearman_seeds"] > 0.99 and row["stable"] and row["pairs_both_seeds"] == 18
+    assert row["valid"] is None  # no copy target: not measured, not failed
     columns = pd.read_csv(out / "distance_matrix_columns.csv").set_index("target")
     assert columns.at["mnist3", "closest_seed0"].split()[0] == "mnist4"
     pd.testing.assert_frame_equal(pd.read_csv(out / "distance_matrix_seed1.csv", index_col=0), seed1, atol=1e-4)
