@@ -638,13 +638,17 @@ def pair_name(source, target):
     return f"{source}__{target}"
 
 
-# the transfer distance's colours: % kept on a log scale from the grid's sparsest level (0.1 % kept) to 100, so
-# that 0.3 and 3 % differ as much as 3 and 30 % (full-data distances lie within a few %, the sample's near 40 %)
-KEPT_COLOURS = LogNorm(vmin=0.1, vmax=100.0, clip=True)
+def kept_colours(matrix):
+    """A log colour scale over the off-diagonal distances (the diagonal's 0 and infeasible entries left out),
+    so that a narrow matrix (all entries within a few % kept) still shows its order; 0.1-100 % if none."""
+    off = [v for (s, t), v in matrix.stack().items() if s != t and v > 0]
+    low, high = (min(off), max(off)) if off else (0.1, 100.0)
+    return LogNorm(vmin=low, vmax=high if high > low else low * 10, clip=True)
 
 
-def plot_heatmap(matrix, path, title, norm=KEPT_COLOURS, label="d(A → B): % of transfer-net parameters kept (log)",
+def plot_heatmap(matrix, path, title, norm=None, label="d(A → B): % of transfer-net parameters kept (log)",
                  digits=2):
+    norm = norm or kept_colours(matrix)
     values = matrix.to_numpy(dtype=float)
     fig = Figure(figsize=(max(6.0, 2.5 + 0.75 * matrix.shape[1]), max(3.0, 1.0 + 0.6 * matrix.shape[0])))
     ax = fig.subplots()
@@ -660,7 +664,11 @@ def plot_heatmap(matrix, path, title, norm=KEPT_COLOURS, label="d(A → B): % of
     ax.set_xlabel("target task B")
     ax.set_ylabel("source task A")
     ax.set_title(title)
-    fig.colorbar(image, ax=ax, label=label)
+    bar = fig.colorbar(image, ax=ax, label=label)
+    if isinstance(norm, LogNorm):  # five plain labels across the range, not log-scale minor ticks
+        bar.minorticks_off()
+        ticks = np.geomspace(norm.vmin, norm.vmax, 5)
+        bar.set_ticks(ticks, labels=[f"{t:.3g}" for t in ticks])
     fig.tight_layout()
     utils.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight"))
 
