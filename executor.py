@@ -181,7 +181,8 @@ class Ray:
         if device.type == "cuda" and not cfg.GPUS_PER_UNIT:
             log.warning("warning: GPUS_PER_UNIT=0: Ray's units will not see this machine's GPU and run on CPUs; "
                         "set GPUS_PER_UNIT=1 for one unit per GPU")
-        ray.init(address=cfg.RAY_ADDRESS or None, include_dashboard=False, logging_level=logging.WARNING,
+        # "local": a new instance even where `ray start` left one running (None would join that one)
+        ray.init(address=cfg.RAY_ADDRESS or "local", include_dashboard=False, logging_level=logging.WARNING,
                  runtime_env=dict(working_dir=str(REPO), excludes=SHIPPED_EXCLUDES,
                                   env_vars={"TQDM_DISABLE": "1"}))  # the driver's bar is the one to read
         resources = ray.cluster_resources()
