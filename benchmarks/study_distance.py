@@ -132,11 +132,16 @@ def spearman(a, b):
     return float(np.corrcoef(*ranks)[0, 1]) if len(a) > 2 else float("nan")
 
 
+def closest(table, target, k=3):
+    """A target's k closest sources, space-separated: feasible by distance, ties by the unpruned transfer."""
+    rows = sorted(((e["distance"] is None, e["distance"] or 0, -e["unpruned"], s)
+                   for (s, t), e in table.items() if t == target))
+    return " ".join(r[-1] for r in rows[:k])
+
+
 def closest_is_original(table, target):
-    """Whether a copy target's original ranks first: feasible by distance, ties by the unpruned transfer."""
-    rows = [(src, e) for (src, tgt), e in table.items() if tgt == target]
-    ranked = sorted(rows, key=lambda r: (r[1]["distance"] is None, r[1]["distance"] or 0, -r[1]["unpruned"]))
-    return ranked[0][0] == target.removesuffix("_copy")
+    """Whether a copy target's original ranks first (see closest)."""
+    return closest(table, target, 1) == target.removesuffix("_copy")
 
 
 def score(tables, seconds, label, rule):
@@ -294,12 +299,6 @@ def seed_table(folder):
             table[s, t] = dict(distance=None if np.isnan(value) else float(value), unpruned=p["unpruned"][
                 p["config"]["PERFORMANCE"]], at_end=p["first_failing_sparsity"] is None or p["crossing_sparsity"] == 0)
     return matrix, table, pairs
-
-
-def closest(table, target, k=3):
-    rows = sorted(((e["distance"] is None, e["distance"] or 0, -e["unpruned"], s)
-                   for (s, t), e in table.items() if t == target))
-    return " ".join(r[-1] for r in rows[:k])
 
 
 def matrix_criteria(folders, out):
