@@ -626,12 +626,17 @@ def decide(result, level, performance):
     return dict(result, feasible=feasible, feasibility_level=level, distance=distance)
 
 
+def closeness(distance, unpruned):
+    """The sort key of a source for its target, closest first: feasible ones by distance (ties: the better
+    unpruned transfer first), then the infeasible ones (distance None) by their unpruned performance."""
+    return distance is None, distance or 0.0, -unpruned
+
+
 def rank_sources(results, target):
-    """The sources of a target, closest first: feasible ones by distance (ties: the better unpruned
-    transfer first), then the infeasible ones by their unpruned performance."""
+    """The decided pairs of a target's sources, closest first (see closeness)."""
     others = [r for r in results if r["target"] == target and r["source"] != target]
-    perf = lambda r: r["unpruned"][r["config"]["PERFORMANCE"]]
-    return sorted(others, key=lambda r: (not r["feasible"], r["distance"] if r["feasible"] else 0.0, -perf(r)))
+    return sorted(others, key=lambda r: closeness(r["distance"] if r["feasible"] else None,
+                                                  r["unpruned"][r["config"]["PERFORMANCE"]]))
 
 
 def pair_name(source, target):

@@ -134,9 +134,9 @@ def spearman(a, b):
 
 def closest(table, target, k=3):
     """A target's k closest sources, space-separated: feasible by distance, ties by the unpruned transfer."""
-    rows = sorted(((e["distance"] is None, e["distance"] or 0, -e["unpruned"], s)
-                   for (s, t), e in table.items() if t == target))
-    return " ".join(r[-1] for r in rows[:k])
+    rows = sorted((prune_transform.closeness(e["distance"], e["unpruned"]), s)
+                  for (s, t), e in table.items() if t == target)
+    return " ".join(s for _, s in rows[:k])
 
 
 def closest_is_original(table, target):
@@ -311,20 +311,28 @@ def matrix_criteria(folders, out):
             if any(pairs[key]["config"][n] != other[key]["config"][n] for n in ("source_net", "target_net")):
                 raise SystemExit(f"{key[0]} -> {key[1]}: the seeds were measured on different step-1 networks, "
                                  "so their matrices cannot be compared")
-    tables = [table for _, table, _ in seeds]
+    # copy targets only test validity: the matrix (graded, stable, the paper) is the dictionary's own columns
+    is_copy = lambda t: t.endswith("_copy")
+    tables = [{k: e for k, e in table.items() if not is_copy(k[1])} for _, table, _ in seeds]
     rule = (prune_transform.PERFORMANCE, prune_transform.TOLERANCE)
     row = score(tables, [pairs[k]["seconds"] for k in first], "default", rule)
-    criteria = pd.DataFrame([dict(row, targets=seeds[0][0].shape[1], **passes(row))])
+    copies = sorted({t for _, t in first if is_copy(t)})
+    row.update(copies=len(copies), copies_closest=sum(closest_is_original(first, t) for t in copies))
+    criteria = pd.DataFrame([dict(row, targets=sum(not is_copy(t) for t in seeds[0][0].columns), **passes(row))])
     columns = []
+    every = [table for _, table, _ in seeds]
     for t in seeds[0][0].columns:
-        keys = [k for k in first if k[1] == t and all(k in table for table in tables[1:])]
+        keys = [k for k in first if k[1] == t and all(k in table for table in every[1:])]
         columns.append(dict(target=t, sources=sum(k[1] == t for k in first),
-                            spearman_seeds=spearman(*[[table[k]["distance"] for k in keys] for table in tables[:2]])
-                            if len(tables) > 1 else float("nan"),
-                            **{f"closest_seed{i}": closest(table, t) for i, table in enumerate(tables)}))
+                            spearman_seeds=spearman(*[[table[k]["distance"] for k in keys] for table in every[:2]])
+                            if len(every) > 1 and keys else float("nan"),
+                            **{f"closest_seed{i}": closest(table, t) for i, table in enumerate(every)}))
     out = Path(out)
     for i, (matrix, _, _) in enumerate(seeds):
-        matrix.to_csv(out / ("distance_matrix.csv" if i == 0 else f"distance_matrix_seed{i}.csv"), float_format="%.4f")
+        name = "distance_matrix" if i == 0 else f"distance_matrix_seed{i}"
+        matrix[[t for t in matrix.columns if not is_copy(t)]].to_csv(out / f"{name}.csv", float_format="%.4f")
+        if any(is_copy(t) for t in matrix.columns):
+            matrix[[t for t in matrix.columns if is_copy(t)]].to_csv(out / f"{name}_copies.csv", float_format="%.4f")
     criteria.to_csv(out / "distance_matrix_criteria.csv", index=False, float_format="%.4g")
     pd.DataFrame(columns).to_csv(out / "distance_matrix_columns.csv", index=False, float_format="%.4g")
     print(criteria.T.to_string(header=False), pd.DataFrame(columns).to_string(index=False, float_format="{:.3g}".format),

@@ -130,6 +130,8 @@ def test_matrix_criteria_judge_two_seeds_and_compare_with_the_paper(tmp_path):
     seed0.loc["mnist4", "mnist3"] = 1.0  # nearest to mnist3
     seed0.loc["trouser", "coat"] = np.nan  # infeasible
     seed0.loc["dress", "coat"] = 100.0  # nothing prunable: at the grid's end
+    seed0["mnist3_copy"] = rng.uniform(2, 8, len(sources))  # a copy: judged for validity only
+    seed0.loc["mnist3", "mnist3_copy"] = 1.5
     seed1 = seed0 + rng.normal(0, 0.01, seed0.shape)
     write_matrix_run(tmp_path / "s0", seed0, 0)
     write_matrix_run(tmp_path / "s1", seed1, 1)
@@ -140,10 +142,14 @@ def test_matrix_criteria_judge_two_seeds_and_compare_with_the_paper(tmp_path):
     assert row["pairs"] == 18 and row["infeasible_pct"] == pytest.approx(100 / 18)
     assert row["at_grid_end_pct"] == pytest.approx(100 / 18) and not row["graded"]  # 11 % > 10 %
     assert row["spearman_seeds"] > 0.99 and row["stable"] and row["pairs_both_seeds"] == 18
-    assert row["valid"] is None  # no copy target: not measured, not failed
+    assert row["copies"] == 1 and row["copies_closest"] == 1 and not row["valid"]  # one copy of the 3 it needs
     columns = pd.read_csv(out / "distance_matrix_columns.csv").set_index("target")
     assert columns.at["mnist3", "closest_seed0"].split()[0] == "mnist4"
-    pd.testing.assert_frame_equal(pd.read_csv(out / "distance_matrix_seed1.csv", index_col=0), seed1, atol=1e-4)
+    assert columns.at["mnist3_copy", "closest_seed1"].split()[0] == "mnist3"
+    pd.testing.assert_frame_equal(pd.read_csv(out / "distance_matrix_seed1.csv", index_col=0), seed1[targets],
+                                  atol=1e-4)
+    pd.testing.assert_frame_equal(pd.read_csv(out / "distance_matrix_copies.csv", index_col=0),
+                                  seed0[["mnist3_copy"]], atol=1e-4)
     blocks = versus.set_index("what")["ours"]
     mnist = [v for s, v in seed0["mnist3"].items() if s.startswith("mnist") and s != "mnist3"]
     assert blocks["block mean mnist -> mnist"] == pytest.approx(np.mean(mnist), abs=1e-4)
@@ -158,6 +164,16 @@ def test_matrix_criteria_refuse_seeds_measured_on_other_networks(tmp_path):
     write_matrix_run(tmp_path / "s1", table, 1, nets="other")
     with pytest.raises(SystemExit, match="different step-1 networks"):
         study_distance.main([f"--matrix={tmp_path / 's0'},{tmp_path / 's1'}", f"--out={tmp_path}"])
+
+
+def test_matrix_criteria_leave_validity_unmeasured_without_copies(tmp_path):
+    import study_distance
+    sources = study_distance.prune_transform.SOURCES
+    table = pd.DataFrame(np.arange(len(sources), dtype=float)[:, None] + 1, index=sources, columns=["sandal"])
+    write_matrix_run(tmp_path / "s0", table, 0)
+    criteria, _ = study_distance.main([f"--matrix={tmp_path / 's0'}", f"--out={tmp_path}"])
+    assert criteria.iloc[0]["valid"] is None and criteria.iloc[0]["stable"] is None  # not measured, not failed
+    assert not (tmp_path / "distance_matrix_copies.csv").exists()
 
 
 class TinyNet(torch.nn.Module):
