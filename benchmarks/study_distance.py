@@ -19,10 +19,12 @@ distance_study_pairs.csv (distance empty: infeasible).
 The second form compares a full distance matrix with the paper's (results/paper_distance_matrix.csv):
 block means and Spearman correlations, overall and per target column, into <out>/distance_vs_paper.csv.
 The third form judges the matrices prune_transform.py measured at its defaults, one CKPT_DIR per transfer
-seed on the same step-1 networks, by the three criteria (stable: over the entries both seeds measured) and
-compares the first with the paper's: <out>/distance_matrix.csv and distance_matrix_seed1.csv (the matrices),
-distance_matrix_criteria.csv, distance_matrix_columns.csv (per target: Spearman between the seeds, the
-three closest of each) and distance_vs_paper.csv.
+seed on the same step-1 networks, by the three criteria (graded and stable on the dictionary's own target
+columns, stable over the entries both seeds measured; valid on the copy targets' columns) and compares the
+first with the paper's: <out>/distance_matrix.csv and distance_matrix_seed1.csv (the matrices, with a
+heatmap .png each; copy columns in distance_matrix_copies.csv), distance_matrix_criteria.csv,
+distance_matrix_columns.csv (per target: Spearman between the seeds, the three closest of each) and
+distance_vs_paper.csv.
 """
 import argparse
 import sys
@@ -330,7 +332,10 @@ def matrix_criteria(folders, out):
     out = Path(out)
     for i, (matrix, _, _) in enumerate(seeds):
         name = "distance_matrix" if i == 0 else f"distance_matrix_seed{i}"
-        matrix[[t for t in matrix.columns if not is_copy(t)]].to_csv(out / f"{name}.csv", float_format="%.4f")
+        own = matrix[[t for t in matrix.columns if not is_copy(t)]]
+        own.to_csv(out / f"{name}.csv", float_format="%.4f")
+        prune_transform.plot_heatmap(own, out / f"{name}.png", f"d(source → target), transfer seed {i}; "
+                                     "hatched: infeasible")
         if any(is_copy(t) for t in matrix.columns):
             matrix[[t for t in matrix.columns if is_copy(t)]].to_csv(out / f"{name}_copies.csv", float_format="%.4f")
     criteria.to_csv(out / "distance_matrix_criteria.csv", index=False, float_format="%.4g")

@@ -150,6 +150,7 @@ def test_matrix_criteria_judge_two_seeds_and_compare_with_the_paper(tmp_path):
                                   atol=1e-4)
     pd.testing.assert_frame_equal(pd.read_csv(out / "distance_matrix_copies.csv", index_col=0),
                                   seed0[["mnist3_copy"]], atol=1e-4)
+    assert (out / "distance_matrix.png").stat().st_size > 0 and (out / "distance_matrix_seed1.png").stat().st_size > 0
     blocks = versus.set_index("what")["ours"]
     mnist = [v for s, v in seed0["mnist3"].items() if s.startswith("mnist") and s != "mnist3"]
     assert blocks["block mean mnist -> mnist"] == pytest.approx(np.mean(mnist), abs=1e-4)
