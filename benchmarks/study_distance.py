@@ -23,8 +23,8 @@ seed on the same step-1 networks, by the three criteria (graded and stable on th
 columns, stable over the entries both seeds measured; valid on the copy targets' columns) and compares the
 first with the paper's: <out>/distance_matrix.csv and distance_matrix_seed1.csv (the matrices, with a
 heatmap .png each; copy columns in distance_matrix_copies.csv), distance_matrix_criteria.csv,
-distance_matrix_columns.csv (per target: Spearman between the seeds, the three closest of each) and
-distance_vs_paper.csv.
+distance_matrix_columns.csv (per target: Spearman between the seeds, the three closest of each; a copy's
+Spearman with its original's column) and distance_vs_paper.csv.
 """
 import argparse
 import sys
@@ -325,9 +325,16 @@ def matrix_criteria(folders, out):
     every = [table for _, table, _ in seeds]
     for t in seeds[0][0].columns:
         keys = [k for k in first if k[1] == t and all(k in table for table in every[1:])]
+        # a copy's column against its original's, the original source left out: the same sources' order
+        # under another target network
+        original = t.removesuffix("_copy")
+        shared = [s for s, c in first if c == t and s != original and (s, original) in first]
         columns.append(dict(target=t, sources=sum(k[1] == t for k in first),
                             spearman_seeds=spearman(*[[table[k]["distance"] for k in keys] for table in every[:2]])
                             if len(every) > 1 and keys else float("nan"),
+                            spearman_original=spearman([first[s, t]["distance"] for s in shared],
+                                                       [first[s, original]["distance"] for s in shared])
+                            if is_copy(t) and shared else float("nan"),
                             **{f"closest_seed{i}": closest(table, t) for i, table in enumerate(every)}))
     out = Path(out)
     for i, (matrix, _, _) in enumerate(seeds):

@@ -130,7 +130,7 @@ def test_matrix_criteria_judge_two_seeds_and_compare_with_the_paper(tmp_path):
     seed0.loc["mnist4", "mnist3"] = 1.0  # nearest to mnist3
     seed0.loc["trouser", "coat"] = np.nan  # infeasible
     seed0.loc["dress", "coat"] = 100.0  # nothing prunable: at the grid's end
-    seed0["mnist3_copy"] = rng.uniform(2, 8, len(sources))  # a copy: judged for validity only
+    seed0["mnist3_copy"] = seed0["mnist3"] + 1  # a copy: judged for validity only; its sources in mnist3's order
     seed0.loc["mnist3", "mnist3_copy"] = 1.5
     seed1 = seed0 + rng.normal(0, 0.01, seed0.shape)
     write_matrix_run(tmp_path / "s0", seed0, 0)
@@ -146,6 +146,8 @@ def test_matrix_criteria_judge_two_seeds_and_compare_with_the_paper(tmp_path):
     columns = pd.read_csv(out / "distance_matrix_columns.csv").set_index("target")
     assert columns.at["mnist3", "closest_seed0"].split()[0] == "mnist4"
     assert columns.at["mnist3_copy", "closest_seed1"].split()[0] == "mnist3"
+    assert columns.at["mnist3_copy", "spearman_original"] == pytest.approx(1.0)
+    assert np.isnan(columns.at["coat", "spearman_original"])  # not a copy
     pd.testing.assert_frame_equal(pd.read_csv(out / "distance_matrix_seed1.csv", index_col=0), seed1[targets],
                                   atol=1e-4)
     pd.testing.assert_frame_equal(pd.read_csv(out / "distance_matrix_copies.csv", index_col=0),
