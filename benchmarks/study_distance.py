@@ -141,6 +141,16 @@ def closest(table, target, k=3):
     return " ".join(s for _, s in rows[:k])
 
 
+def is_copy(task):
+    return task.endswith("_copy")
+
+
+def validity(table):
+    """How many of the copy targets in `table` have their original closest, and how many there are."""
+    copies = sorted({t for _, t in table if is_copy(t)})
+    return dict(copies_closest=sum(closest_is_original(table, t) for t in copies), copies=len(copies))
+
+
 def closest_is_original(table, target):
     """Whether a copy target's original ranks first (see closest)."""
     return closest(table, target, 1) == target.removesuffix("_copy")
@@ -150,7 +160,6 @@ def score(tables, seconds, label, rule):
     """Criteria of one variant under one rule; tables: one per transfer seed."""
     first = tables[0]
     values = [e["distance"] for e in first.values()]
-    copies = sorted({t for _, t in first if t.endswith("_copy")})
     common = sorted(set(first) & set(tables[1])) if len(tables) > 1 else []
     return dict(variant=label, performance=rule[0], tolerance=rule[1], pairs=len(first), seeds=len(tables),
                 infeasible_pct=100 * np.mean([v is None for v in values]),
@@ -158,7 +167,7 @@ def score(tables, seconds, label, rule):
                 distinct=len({round(v, 2) for v in values if v is not None}),
                 median_distance=float(np.median([v for v in values if v is not None])) if any(
                     v is not None for v in values) else float("nan"),
-                copies_closest=sum(closest_is_original(first, t) for t in copies), copies=len(copies),
+                **validity(first),
                 spearman_seeds=spearman([tables[0][k]["distance"] for k in common],
                                         [tables[1][k]["distance"] for k in common]) if common else float("nan"),
                 pairs_both_seeds=len(common),
@@ -314,12 +323,10 @@ def matrix_criteria(folders, out):
                 raise SystemExit(f"{key[0]} -> {key[1]}: the seeds were measured on different step-1 networks, "
                                  "so their matrices cannot be compared")
     # copy targets only test validity: the matrix (graded, stable, the paper) is the dictionary's own columns
-    is_copy = lambda t: t.endswith("_copy")
     tables = [{k: e for k, e in table.items() if not is_copy(k[1])} for _, table, _ in seeds]
     rule = (prune_transform.PERFORMANCE, prune_transform.TOLERANCE)
     row = score(tables, [pairs[k]["seconds"] for k in first], "default", rule)
-    copies = sorted({t for _, t in first if is_copy(t)})
-    row.update(copies=len(copies), copies_closest=sum(closest_is_original(first, t) for t in copies))
+    row.update(validity(first))
     criteria = pd.DataFrame([dict(row, targets=sum(not is_copy(t) for t in seeds[0][0].columns), **passes(row))])
     columns = []
     every = [table for _, table, _ in seeds]
@@ -339,12 +346,13 @@ def matrix_criteria(folders, out):
     out = Path(out)
     for i, (matrix, _, _) in enumerate(seeds):
         name = "distance_matrix" if i == 0 else f"distance_matrix_seed{i}"
-        own = matrix[[t for t in matrix.columns if not is_copy(t)]]
+        copy_columns = [t for t in matrix.columns if is_copy(t)]
+        own = matrix.drop(columns=copy_columns)
         own.to_csv(out / f"{name}.csv", float_format="%.4f")
         prune_transform.plot_heatmap(own, out / f"{name}.png", f"d(source → target), transfer seed {i}; "
                                      "hatched: infeasible")
-        if any(is_copy(t) for t in matrix.columns):
-            matrix[[t for t in matrix.columns if is_copy(t)]].to_csv(out / f"{name}_copies.csv", float_format="%.4f")
+        if copy_columns:
+            matrix[copy_columns].to_csv(out / f"{name}_copies.csv", float_format="%.4f")
     criteria.to_csv(out / "distance_matrix_criteria.csv", index=False, float_format="%.4g")
     pd.DataFrame(columns).to_csv(out / "distance_matrix_columns.csv", index=False, float_format="%.4g")
     print(criteria.T.to_string(header=False), pd.DataFrame(columns).to_string(index=False, float_format="{:.3g}".format),
