@@ -2,7 +2,7 @@
 
 python benchmarks/study_distance.py --ckpt=CKPT [--data=DATA] [--targets=T,...] [--seeds=0,1]
                                     [--variants=NAME,...] [--work=DIR] [--out=DIR] [--NAME=value ...]
-python benchmarks/study_distance.py --compare=MATRIX.csv [--out=DIR]
+python benchmarks/study_distance.py --compare=MATRIX.csv[,MATRIX.csv ...] [--out=DIR]
 python benchmarks/study_distance.py --matrix=CKPT_SEED0,CKPT_SEED1 [--out=DIR]
 
 The first form runs prune_transform.py for every variant (a set of its constants) and every transfer
@@ -16,7 +16,8 @@ curves, against:
   stable  Spearman correlation of the entries between the first two transfer seeds (at least 0.8);
 and writes <out>/distance_study.csv and distance_study.md, and every entry under every rule to
 distance_study_pairs.csv (distance empty: infeasible).
-The second form compares a full distance matrix with the paper's (results/paper_distance_matrix.csv):
+The second form compares distance matrices (a matrix.csv each; e.g. the default and an ablation) with the
+paper's (results/paper_distance_matrix.csv) on the entries every one of them measured: infeasible entries,
 block means and Spearman correlations, overall and per target column, into <out>/distance_vs_paper.csv.
 The third form judges the matrices prune_transform.py measured at its defaults, one CKPT_DIR per transfer
 seed on the same step-1 networks, by the three criteria (graded and stable on the dictionary's own target
@@ -73,7 +74,7 @@ def arguments(argv):
     p.add_argument("--work", default="checkpoints/distance_study", help="one CKPT_DIR per run, under here")
     p.add_argument("--out", default=str(REPO / "results"), help="folder of the study table")
     p.add_argument("--device", default="auto")
-    p.add_argument("--compare", help="compare this matrix.csv with the paper's, and stop")
+    p.add_argument("--compare", help="compare these matrix.csv files (comma-separated) with the paper's, and stop")
     p.add_argument("--matrix", help="CKPT_DIRs of prune_transform runs at its defaults, one per transfer seed "
                                     "(comma-separated): judge their matrices, and stop")
     args, extra = p.parse_known_args(argv)
@@ -264,22 +265,33 @@ def block_means(matrix):
     return out
 
 
-def compare(path, out):
-    ours = pd.read_csv(path, index_col=0)
+def compare(paths, out):
+    """Each matrix (a CSV: rows source, columns target, infeasible empty) against the paper's, on the sources and
+    targets that all of them measured, so a run of a few columns compares on those. One column per matrix, named
+    by its CKPT_DIR (or file) when there are several."""
+    matrices = [pd.read_csv(p, index_col=0) for p in paths]
     paper = pd.read_csv(PAPER, index_col=0)
-    common = [t for t in paper.columns if t in ours.columns]
-    ours, paper_part = ours.loc[paper.index, common], paper[common]
-    mask = ~np.eye(len(paper.index), len(common), dtype=bool) if common == list(paper.index) else \
-        np.array([[s != t for t in common] for s in paper.index])
-    rows = [dict(what=f"block mean {k}", ours=v, paper=block_means(paper_part)[k])
-            for k, v in block_means(ours).items()]
-    pairs = [(o, p) for o, p, m in zip(ours.to_numpy().ravel(), paper_part.to_numpy().ravel(), mask.ravel()) if m]
-    rows.append(dict(what="spearman, all off-diagonal entries (infeasible ranked last)",
-                     ours=spearman([None if np.isnan(o) else o for o, _ in pairs], [p for _, p in pairs])))
-    for t in common:
-        col = [(None if np.isnan(ours.at[s, t]) else ours.at[s, t], paper.at[s, t]) for s in paper.index if s != t]
-        rows.append(dict(what=f"spearman, column {t}", ours=spearman(*zip(*col))))
-    frame = pd.DataFrame(rows)
+    rows = [s for s in paper.index if all(s in m.index for m in matrices)]
+    common = [t for t in paper.columns if all(t in m.columns for m in matrices)]
+    if not rows or not common:
+        print(f"{', '.join(map(str, paths))}: no source and target in common with the paper's matrix")
+        return pd.DataFrame()
+    names = ["ours"] if len(paths) == 1 else [
+        Path(p).parents[1].name if Path(p).name == "matrix.csv" else Path(p).stem for p in paths]
+    if len(set(names)) < len(names):
+        names = [f"{i}:{n}" for i, n in enumerate(names)]
+    tables = dict(zip(names, (m.loc[rows, common] for m in matrices)), paper=paper.loc[rows, common])
+    off = [(s, t) for s in rows for t in common if s != t]
+    report = {"off-diagonal entries": {n: len(off) for n in tables},
+              "infeasible entries": {n: sum(np.isnan(m.at[s, t]) for s, t in off) for n, m in tables.items()}}
+    report.update({f"block mean {k}": {n: block_means(m)[k] for n, m in tables.items()} for k in block_means(paper)})
+
+    def rank_with_paper(keys):
+        return {n: spearman([None if np.isnan(m.at[k]) else m.at[k] for k in keys], [paper.at[k] for k in keys])
+                for n, m in tables.items() if n != "paper"}
+    report["spearman, all off-diagonal entries (infeasible ranked last)"] = rank_with_paper(off)
+    report.update({f"spearman, column {t}": rank_with_paper([k for k in off if k[1] == t]) for t in common})
+    frame = pd.DataFrame([dict(what=what, **values) for what, values in report.items()])
     frame.to_csv(Path(out) / "distance_vs_paper.csv", index=False, float_format="%.4g")
     print(frame.to_string(index=False, float_format="{:.3g}".format))
     return frame
@@ -357,7 +369,7 @@ def matrix_criteria(folders, out):
     pd.DataFrame(columns).to_csv(out / "distance_matrix_columns.csv", index=False, float_format="%.4g")
     print(criteria.T.to_string(header=False), pd.DataFrame(columns).to_string(index=False, float_format="{:.3g}".format),
           sep="\n\n")
-    return criteria, compare(out / "distance_matrix.csv", out)
+    return criteria, compare([out / "distance_matrix.csv"], out)
 
 
 def main(argv=None):
@@ -366,7 +378,7 @@ def main(argv=None):
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.matrix:
         return matrix_criteria(args.matrix.split(","), args.out)
-    return compare(args.compare, args.out) if args.compare else study(args)
+    return compare(args.compare.split(","), args.out) if args.compare else study(args)
 
 
 if __name__ == "__main__":

@@ -159,6 +159,32 @@ def test_matrix_criteria_judge_two_seeds_and_compare_with_the_paper(tmp_path):
     assert blocks["block mean fashion -> fashion"] == pytest.approx(seed0["coat"].drop("coat").iloc[5:].mean(), abs=1e-4)
 
 
+def test_compare_puts_matrices_beside_the_paper_on_the_entries_all_measured(tmp_path, capsys):
+    import study_distance
+    paper = pd.read_csv(study_distance.PAPER, index_col=0)
+    default = paper.copy() / 10  # every source and target
+    ablation = paper.loc[["mnist0", "mnist1", "tshirt", "dress"], ["mnist2", "dress"]].copy()
+    ablation.loc["mnist0", "dress"] = np.nan  # infeasible
+    for name, m in (("default", default), ("ablation", ablation)):
+        (tmp_path / name / "distances").mkdir(parents=True)
+        m.to_csv(tmp_path / name / "distances" / "matrix.csv")
+    frame = study_distance.main([f"--compare={tmp_path / 'default' / 'distances' / 'matrix.csv'},"
+                                 f"{tmp_path / 'ablation' / 'distances' / 'matrix.csv'}", f"--out={tmp_path}"])
+    row = frame.set_index("what")
+    assert list(frame.columns) == ["what", "default", "ablation", "paper"]
+    assert row.at["off-diagonal entries", "ablation"] == 7  # 4 sources x 2 targets, dress -> dress left out
+    assert row.at["infeasible entries", "ablation"] == 1 and row.at["infeasible entries", "default"] == 0
+    # the paper's block means over the same entries: mnist0 and mnist1 -> dress only
+    assert row.at["block mean mnist -> fashion", "paper"] == pytest.approx(paper.loc[["mnist0", "mnist1"], "dress"].mean())
+    assert row.at["block mean mnist -> fashion", "ablation"] == pytest.approx(paper.at["mnist1", "dress"])
+    assert row.at["spearman, column mnist2", "default"] == pytest.approx(1.0)  # a rescaled paper ranks alike
+    assert np.isnan(row.at["spearman, column mnist2", "paper"])
+    assert (tmp_path / "distance_vs_paper.csv").exists()
+    pd.DataFrame({"sandal": [1.0]}, index=["mnist0"]).to_csv(tmp_path / "sandal.csv")  # no paper column
+    assert study_distance.main([f"--compare={tmp_path / 'sandal.csv'}", f"--out={tmp_path}"]).empty
+    assert "no source and target in common" in capsys.readouterr().out
+
+
 def test_matrix_criteria_refuse_seeds_measured_on_other_networks(tmp_path):
     import study_distance
     sources = study_distance.prune_transform.SOURCES
