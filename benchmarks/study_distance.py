@@ -284,7 +284,8 @@ def compare(paths, out):
     off = [(s, t) for s in rows for t in common if s != t]
     report = {"off-diagonal entries": {n: len(off) for n in tables},
               "infeasible entries": {n: sum(np.isnan(m.at[s, t]) for s, t in off) for n, m in tables.items()}}
-    report.update({f"block mean {k}": {n: block_means(m)[k] for n, m in tables.items()} for k in block_means(paper)})
+    means = {n: block_means(m) for n, m in tables.items()}
+    report.update({f"block mean {k}": {n: means[n][k] for n in tables} for k in means["paper"]})
 
     def rank_with_paper(keys):
         return {n: spearman([None if np.isnan(m.at[k]) else m.at[k] for k in keys], [paper.at[k] for k in keys])
