@@ -104,6 +104,18 @@ def test_study_reads_relative_and_level_rules_off_a_whole_curve():
     assert between["distance"] == pytest.approx(500 ** 0.5)  # 79 is halfway from 79.5 (50 % kept) to 78.5 (10 %)
 
 
+def test_study_variants_start_from_the_matrix_rule_and_are_valid_configurations():
+    import prune_transform
+    import study_distance
+    import utils
+    assert {k: getattr(prune_transform, k) for k in study_distance.BASE} == study_distance.BASE  # "default"
+    for name, (_, changes) in study_distance.VARIANTS.items():
+        settings = dict(study_distance.BASE, **changes)
+        cfg = utils.configure(vars(prune_transform), [f"--{k}={v}" for k, v in settings.items()])
+        prune_transform.check_config(cfg)
+        assert {k: getattr(cfg, k) for k in settings} == settings, name
+
+
 def write_matrix_run(folder, distances, seed, nets="n"):
     """A prune_transform CKPT_DIR at its defaults: distances/matrix.csv and one pair JSON per entry."""
     import prune_transform
