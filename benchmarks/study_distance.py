@@ -41,10 +41,10 @@ import prune_transform  # noqa: E402
 import utils  # noqa: E402
 
 PAPER = REPO / "results" / "paper_distance_matrix.csv"
-BASE = dict(FEATURES="standardized", LR_SCHEDULE="cosine", PERFORMANCE="auroc", TOLERANCE=0.002,
-            SCHEDULE="oneshot", FINETUNE_EPOCHS=1)  # what every variant starts from: prune_transform's defaults, so
-# "default" is the matrix's rule and every other variant changes only what it names (runs' configs: finished pairs
-# are reused)
+BASE = {k: getattr(prune_transform, k) for k in ("FEATURES", "LR_SCHEDULE", "PERFORMANCE", "TOLERANCE", "SCHEDULE",
+                                                  "FINETUNE_EPOCHS")}  # what every variant starts from:
+# prune_transform's defaults, so "default" is the matrix's rule and every other variant changes only what it names
+# (runs' configs: finished pairs are reused)
 WHOLE_CURVE = dict(PERFORMANCE="balanced_accuracy", TOLERANCE=1.0)  # the rule the variants that measure whole
 # curves were run under: every rule is read off those curves, so it only keeps their finished pairs reusable
 NO_FINETUNING = dict(WHOLE_CURVE, FINETUNE_EPOCHS=0, REFINE=0.01,
@@ -187,18 +187,12 @@ def passes(row):
 
 
 def levels(args, sources, performance, feasibility, cache={}):
-    """The feasibility level the base networks `sources` set for a performance measure, as
-    prune_transform.feasibility_level sets it (AUROC, read off the curves only, in [0, 1])."""
+    """The feasibility level the base networks `sources` set for a performance measure (prune_transform's)."""
     if (performance, feasibility) not in cache:
         metrics = {s: utils.read_saved(Path(args.ckpt) / "tasks" / f"{s}.pt")["metrics"] for s in sources}
-        if performance == "auroc":
-            eps = max(1 - m["val_auroc"] for m in metrics.values())
-            level = 1 - (2 if feasibility == "2eps" else 1) * eps
-        else:
-            cfg = utils.configure(vars(prune_transform), [f"--PERFORMANCE={performance}", f"--FEASIBILITY={feasibility}",
-                                                          f"--SOURCES={list(sources)}"])
-            level = prune_transform.feasibility_level(metrics, cfg)
-        cache[performance, feasibility] = level
+        cfg = utils.configure(vars(prune_transform), [f"--PERFORMANCE={performance}", f"--FEASIBILITY={feasibility}",
+                                                      f"--SOURCES={list(sources)}"])
+        cache[performance, feasibility] = prune_transform.feasibility_level(metrics, cfg)
     return cache[performance, feasibility]
 
 
