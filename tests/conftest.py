@@ -4,7 +4,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import model_FUSE
+import prune_transform
+import train_task
 import utils
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data"  # the bundled sample
 
 
 def synthetic(per_class, classes=range(10), seed=0):
@@ -51,3 +56,28 @@ def run_script():
         return module.main([f"--DATA_DIR={data_dir}", f"--CKPT_DIR={ckpt_dir}", "--PRESET=smoke",
                             "--DEVICE=cpu", *args])
     return run
+
+
+@pytest.fixture(scope="session")
+def smoke_steps():
+    """The three steps on four tasks of the bundled sample: (script, its arguments besides the smoke preset)."""
+    tasks = ["mnist0", "tshirt", "trouser", "sandal"]
+    return [(train_task, [f"--TASKS={tasks}"]),
+            (prune_transform, ["--SOURCES=['mnist0', 'tshirt', 'trouser']", "--TARGETS=['sandal']", "--K=2"]),
+            (model_FUSE, ["--K=2", "--ROWS=['fuse_task_aware', 'fuse_standard', 'random']"])]  # ResNet-18: a minute more
+
+
+@pytest.fixture(scope="session")
+def local(tmp_path_factory, smoke_steps, run_script):
+    """The smoke steps with the local executor, one thread as a Ray unit has (threads can move the last bits)."""
+    ckpt = tmp_path_factory.mktemp("local")
+    threads, all_threads = torch.get_num_threads(), model_FUSE.ALL_THREADS
+    torch.set_num_threads(1)
+    model_FUSE.ALL_THREADS = 1
+    try:
+        for module, args in smoke_steps:
+            run_script(module, SAMPLE, ckpt, *args)
+    finally:
+        torch.set_num_threads(threads)
+        model_FUSE.ALL_THREADS = all_threads
+    return ckpt

@@ -22,32 +22,12 @@ import utils
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"  # the bundled sample
-TASKS = ["mnist0", "tshirt", "trouser", "sandal"]
-STEPS = [(train_task, [f"--TASKS={TASKS}"]),
-         (prune_transform, ["--SOURCES=['mnist0', 'tshirt', 'trouser']", "--TARGETS=['sandal']", "--K=2"]),
-         (model_FUSE, ["--K=2", "--ROWS=['fuse_task_aware', 'fuse_standard', 'random']"])]  # ResNet-18: a minute more
 RAY = ["--EXECUTOR=ray", "--CPUS_PER_UNIT=1"]
 CLOCKS = {"seconds", "device", "environment", "Search (s)", "Dictionary (s)", "Retrain (s)", "Device", "minutes"}
 
 
 def run(module, ckpt, *args):
     return module.main([f"--DATA_DIR={DATA}", f"--CKPT_DIR={ckpt}", "--PRESET=smoke", "--DEVICE=cpu", *args])
-
-
-@pytest.fixture(scope="module")
-def local(tmp_path_factory):
-    """The three steps with the local executor, one thread as a Ray unit has (threads can move the last bits)."""
-    ckpt = tmp_path_factory.mktemp("local")
-    threads, all_threads = torch.get_num_threads(), model_FUSE.ALL_THREADS
-    torch.set_num_threads(1)
-    model_FUSE.ALL_THREADS = 1
-    try:
-        for module, args in STEPS:
-            run(module, ckpt, *args)
-    finally:
-        torch.set_num_threads(threads)
-        model_FUSE.ALL_THREADS = all_threads
-    return ckpt
 
 
 def without_clocks(value):
@@ -72,7 +52,8 @@ def results(ckpt):
     return {str(p.relative_to(ckpt)): p for p in sorted(ckpt.rglob("*")) if p.suffix in (".json", ".csv", ".pt")}
 
 
-def test_ray_writes_what_the_local_executor_writes_and_a_killed_step_2_resumes(local, tmp_path):
+def test_ray_writes_what_the_local_executor_writes_and_a_killed_step_2_resumes(local, smoke_steps, tmp_path):
+    STEPS = smoke_steps
     run(train_task, tmp_path, *STEPS[0][1], *RAY)
     # step 2 on Ray in its own process, killed once its first pair is written
     args = [f"--DATA_DIR={DATA}", f"--CKPT_DIR={tmp_path}", "--PRESET=smoke", "--DEVICE=cpu", *STEPS[1][1], *RAY]
