@@ -1,9 +1,9 @@
 """Step 2's task distance under variants of its definition, scored by the criteria that choose the default.
 
-python benchmarks/study_distance.py --ckpt=CKPT [--data=DATA] [--targets=T,...] [--seeds=0,1]
+python studies/study_distance.py --ckpt=CKPT [--data=DATA] [--targets=T,...] [--seeds=0,1]
                                     [--variants=NAME,...] [--work=DIR] [--out=DIR] [--NAME=value ...]
-python benchmarks/study_distance.py --compare=MATRIX.csv[,MATRIX.csv ...] [--out=DIR]
-python benchmarks/study_distance.py --matrix=CKPT_SEED0,CKPT_SEED1 [--out=DIR]
+python studies/study_distance.py --compare=MATRIX.csv[,MATRIX.csv ...] [--out=DIR]
+python studies/study_distance.py --matrix=CKPT_SEED0,CKPT_SEED1 [--out=DIR]
 
 The first form runs prune_transform.py for every variant (a set of its constants) and every transfer
 seed, on the step-1 networks in CKPT/tasks, each run in its own folder under --work (finished pairs are
@@ -17,7 +17,7 @@ curves, against:
 and writes <out>/distance_study.csv and distance_study.md, and every entry under every rule to
 distance_study_pairs.csv (distance empty: infeasible).
 The second form compares distance matrices (a matrix.csv each; e.g. the default and an ablation) with the
-paper's (results/paper_distance_matrix.csv) on the entries every one of them measured: infeasible entries,
+paper's (results/paper/distance_matrix.csv) on the entries every one of them measured: infeasible entries,
 block means and Spearman correlations, overall and per target column, into <out>/distance_vs_paper.csv.
 The third form judges the matrices prune_transform.py measured at its defaults, one CKPT_DIR per transfer
 seed on the same step-1 networks, by the three criteria (graded and stable on the dictionary's own target
@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))  # the repo's modules, when this runs as a script
 import prune_transform  # noqa: E402
 import utils  # noqa: E402
 
-PAPER = REPO / "results" / "paper_distance_matrix.csv"
+PAPER = REPO / "results" / "paper" / "distance_matrix.csv"
 BASE = {k: getattr(prune_transform, k) for k in ("FEATURES", "LR_SCHEDULE", "PERFORMANCE", "TOLERANCE", "SCHEDULE",
                                                   "FINETUNE_EPOCHS")}  # what every variant starts from:
 # prune_transform's defaults, so "default" is the matrix's rule and every other variant changes only what it names
@@ -76,7 +76,7 @@ def arguments(argv):
     p.add_argument("--seeds", default="0,1", help="transfer seeds (TRANSFER_SEED)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="variants to run, from VARIANTS")
     p.add_argument("--work", default="checkpoints/distance_study", help="one CKPT_DIR per run, under here")
-    p.add_argument("--out", default=str(REPO / "results"), help="folder of the study table")
+    p.add_argument("--out", default=str(REPO / "results" / "distance_study"), help="folder of the study table")
     p.add_argument("--device", default="auto")
     p.add_argument("--compare", help="compare these matrix.csv files (comma-separated) with the paper's, and stop")
     p.add_argument("--matrix", help="CKPT_DIRs of prune_transform runs at its defaults, one per transfer seed "

@@ -1,6 +1,6 @@
 """The Fisher task distance on its own paper's MNIST suite with ResNet-18, beside the published matrix.
 
-python benchmarks/ftd_suite.py [--size=full|smoke] [--data=DATA] [--trials=3] [--train-limit=N] [--epochs=E]
+python studies/ftd_suite.py [--size=full|smoke] [--data=DATA] [--trials=3] [--train-limit=N] [--epochs=E]
                                [--samples=M] [--work=DIR] [--out=DIR]
 
 The FTD paper's four MNIST tasks: 0 the digit-0 indicator, 1 the digit-6 indicator, 2 five classes (0, 1, 2, 3
@@ -14,10 +14,13 @@ Adam (lr 1e-3 decayed to 0 along a cosine) and cross-entropy on the first --trai
 --samples training images of t, normalised to unit trace, against the same for N_t. The networks and each
 trial's distances are kept under --work (a rerun resumes); --out gets ftd_networks.csv (test error of every
 network), ftd_matrix_mean.csv / ftd_matrix_sd.csv (over the trials), ftd_vs_paper.csv / .md and
-ftd_heatmap.png, against results/ftd_paper_mnist_resnet18.csv (the published mean matrix).
+ftd_heatmap.png, against results/paper/ftd_mnist_resnet18.csv (the published mean matrix).
 """
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # their shared options and roofline
 
 import matplotlib
 import numpy as np
@@ -31,7 +34,7 @@ import prune_transform  # noqa: E402
 import utils  # noqa: E402
 from models.baselines import build_baseline  # noqa: E402
 
-PAPER = common.REPO / "results" / "ftd_paper_mnist_resnet18.csv"
+PAPER = common.REPO / "results" / "paper" / "ftd_mnist_resnet18.csv"
 TASKS = {  # the suite's task number -> our task name
     "task0": "mnist0",
     "task1": "mnist6",
