@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import utils
+import configuration
+import store
+from configuration import UserError
 
 REPO = Path(__file__).resolve().parent
 EXECUTORS = ("local", "ray")
@@ -29,17 +31,17 @@ MAX_RETRIES = 3  # a unit whose worker died (not one that raised) is run again, 
 SHIPPED_EXCLUDES = ["data/", "results/", "checkpoints/", "benchmarks/", ".git/"]  # the code workers import
 
 
-def store(path, payload):
+def save(path, payload):
     """Write a unit's output: JSON for .json paths, else a torch checkpoint; atomically."""
-    (utils.write_json if Path(path).suffix == ".json" else utils.save_checkpoint)(path, payload)
+    (store.write_json if Path(path).suffix == ".json" else store.save_checkpoint)(path, payload)
 
 
 def check_config(cfg):
     if cfg.EXECUTOR not in EXECUTORS:
-        raise utils.UserError(f"EXECUTOR={cfg.EXECUTOR!r}: use one of {', '.join(EXECUTORS)}")
+        raise UserError(f"EXECUTOR={cfg.EXECUTOR!r}: use one of {', '.join(EXECUTORS)}")
     if cfg.CPUS_PER_UNIT < 1 or cfg.GPUS_PER_UNIT < 0:
-        raise utils.UserError(f"CPUS_PER_UNIT={cfg.CPUS_PER_UNIT}, GPUS_PER_UNIT={cfg.GPUS_PER_UNIT}: a unit needs "
-                              "at least 1 CPU and no negative number of GPUs")
+        raise UserError(f"CPUS_PER_UNIT={cfg.CPUS_PER_UNIT}, GPUS_PER_UNIT={cfg.GPUS_PER_UNIT}: a unit needs "
+                        "at least 1 CPU and no negative number of GPUs")
 
 
 @contextlib.contextmanager
@@ -82,7 +84,7 @@ class Local:
     """Units run in this process, in the order they were submitted, with its threads (THREADS)."""
 
     def __init__(self, device, log):
-        self.device, self.save, self.log = device, store, log
+        self.device, self.save, self.log = device, save, log
 
     def share(self, fn, *args):
         """An input of many units, fn(*args)."""
@@ -159,7 +161,7 @@ def run_unit(fn, name, inbox, threads, *args):
         if not isinstance(arg, WorkerSide):
             return arg
         if arg.kind == "device":
-            return utils.get_device(arg.value)
+            return configuration.get_device(arg.value)
         return log if arg.kind == "log" else lambda path, payload: send(("save", str(path), payload))
     args = [resolve(a) for a in args]
     device = next((a for a in args if isinstance(a, torch.device)), None)
@@ -208,7 +210,7 @@ class Ray:
         """Write the saves and log the lines the units sent; note which units run, and where."""
         for message in self.ray.get(self.inbox.take.remote()):
             if message[0] == "save":
-                store(*message[1:])
+                save(*message[1:])
             elif message[0] == "log":
                 self.driver_log.info("%s", message[1])
             elif message[0] == "start":
@@ -235,7 +237,7 @@ class Ray:
                     try:
                         result = self.ray.get(ref)
                     except self.ray.exceptions.RayTaskError as e:
-                        raise (e.cause if isinstance(e.cause, utils.UserError) else e) from None
+                        raise (e.cause if isinstance(e.cause, UserError) else e) from None
                     out[ref.hex()] = done(name, result)
                     del result
                     bar.update()

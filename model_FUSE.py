@@ -30,25 +30,20 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 from tqdm import tqdm
 
+import configuration
 import executor
+import reporting
+import store
+import training
 import utils
-from models.baselines import build_baseline  # torchvision: only this step needs it
+from configuration import UserError
 from models import (FuseMixture, Genotype, build_network, count_parameters,
                     operations, sample_distinct, sample_genotype, space_size, standard_space,
                     task_aware_space)
+from models.baselines import build_baseline  # torchvision: only this step needs it
 
-# the comparison rows: label and the paper's Table 1 (Quick, Draw! "moon"): error %, parameters (M), GPU days
-PAPER_ROWS = {
-    "fuse_task_aware": ("FUSE w. task-aware space (TA-NAS)", 1.18, 2.72, 2),
-    "fuse_standard": ("FUSE w. standard space", 1.21, 2.89, 2),
-    "random": ("Random search", 1.33, 2.55, 4),
-    "resnet18": ("ResNet-18", 1.42, 11.44, None),
-    "resnet34": ("ResNet-34", 1.20, 21.54, None),
-    "densenet161": ("DenseNet-161", 1.17, 27.60, None),
-}
 CLOSEST_FILES = {"transfer": "closest.json", "fisher": "fisher_closest.json"}  # step 2's outputs, by DISTANCE
 ALL_THREADS = torch.get_num_threads()  # torch's default, before THREADS applies
 ROW_SEARCH = {"fuse_task_aware": "task_aware", "fuse_standard": "standard", "random": "random"}
@@ -98,7 +93,8 @@ REDUCED_ROWS = ["resnet34", "densenet161"]  # rows retrained on the reduced budg
                           # (paper preset: none; these two take minutes an epoch on a CPU even on the sample)
 REDUCED_EPOCHS = 1
 REDUCED_LIMIT = 250
-ROWS = list(PAPER_ROWS)   # comparison rows to run, from PAPER_ROWS
+ROWS = ["fuse_task_aware", "fuse_standard", "random", "resnet18", "resnet34", "densenet161"]  # the paper's
+                          # Table 1 rows (reporting.PAPER_ROWS) to run
 EVAL_BATCH = 1000         # images per forward pass when evaluating (speed only)
 PRECISION = "fp32"        # fp32 | bf16: forward passes under torch.autocast (weights, α, optimizer state and metrics
                           # stay fp32); must be step 2's
@@ -146,25 +142,25 @@ def check_config(cfg):
     executor.check_config(cfg)
     utils.get_task(cfg.TARGET)
     if cfg.DISTANCE not in CLOSEST_FILES:
-        raise utils.UserError(f"DISTANCE={cfg.DISTANCE!r}: use one of {', '.join(CLOSEST_FILES)}")
+        raise UserError(f"DISTANCE={cfg.DISTANCE!r}: use one of {', '.join(CLOSEST_FILES)}")
     if cfg.SPACE not in ("task_aware", "standard"):
-        raise utils.UserError(f"SPACE={cfg.SPACE!r}: use 'task_aware' or 'standard'")
+        raise UserError(f"SPACE={cfg.SPACE!r}: use 'task_aware' or 'standard'")
     for name in ("ROWS", "REDUCED_ROWS"):
-        unknown = [r for r in getattr(cfg, name) if r not in PAPER_ROWS]
+        unknown = [r for r in getattr(cfg, name) if r not in reporting.PAPER_ROWS]
         if unknown:
-            raise utils.UserError(f"{name}: unknown row(s) {unknown}; valid rows: {', '.join(PAPER_ROWS)}")
+            raise UserError(f"{name}: unknown row(s) {unknown}; valid rows: {', '.join(reporting.PAPER_ROWS)}")
     for name in ("W_OPTIMIZER", "ALPHA_OPTIMIZER"):
         if getattr(cfg, name) not in OPTIMIZERS:
-            raise utils.UserError(f"{name}={getattr(cfg, name)!r}: use one of {', '.join(sorted(OPTIMIZERS))}")
+            raise UserError(f"{name}={getattr(cfg, name)!r}: use one of {', '.join(sorted(OPTIMIZERS))}")
     for name in sorted(AT_LEAST_ONE):
         if getattr(cfg, name) < 1:
-            raise utils.UserError(f"{name}={getattr(cfg, name)} must be at least 1")
-    if cfg.PRECISION not in utils.PRECISIONS:
-        raise utils.UserError(f"PRECISION={cfg.PRECISION!r}: use one of {', '.join(utils.PRECISIONS)}")
+            raise UserError(f"{name}={getattr(cfg, name)} must be at least 1")
+    if cfg.PRECISION not in training.PRECISIONS:
+        raise UserError(f"PRECISION={cfg.PRECISION!r}: use one of {', '.join(training.PRECISIONS)}")
     if cfg.NODES < 2:
-        raise utils.UserError(f"NODES={cfg.NODES}: a cell needs at least 2 nodes")
+        raise UserError(f"NODES={cfg.NODES}: a cell needs at least 2 nodes")
     if not cfg.FINAL_SEEDS:
-        raise utils.UserError("FINAL_SEEDS is empty: give at least one seed, e.g. --FINAL_SEEDS=[0]")
+        raise UserError("FINAL_SEEDS is empty: give at least one seed, e.g. --FINAL_SEEDS=[0]")
 
 
 def seed_of(*parts):
@@ -182,17 +178,17 @@ def read_genotype(payload, path):
     try:
         return Genotype.from_json(payload)
     except ValueError as e:
-        raise utils.UserError(f"{path}: bad genotype: {e}. Valid ops: {', '.join(operations.OP_NAMES)}; "
-                              f"a cell of n nodes has n(n-1)/2 edges, one op each; {fix}")
+        raise UserError(f"{path}: bad genotype: {e}. Valid ops: {', '.join(operations.OP_NAMES)}; "
+                        f"a cell of n nodes has n(n-1)/2 edges, one op each; {fix}")
     except (KeyError, TypeError):
-        raise utils.UserError(f"{path}: a genotype looks like {{\"ops\": [one op per edge], \"nodes\": 3, "
-                              f"\"C\": 16, \"N\": 1}}, got {payload!r}. Valid ops: "
-                              f"{', '.join(operations.OP_NAMES)}; {fix}")
+        raise UserError(f"{path}: a genotype looks like {{\"ops\": [one op per edge], \"nodes\": 3, "
+                        f"\"C\": 16, \"N\": 1}}, got {payload!r}. Valid ops: "
+                        f"{', '.join(operations.OP_NAMES)}; {fix}")
 
 
 @lru_cache(maxsize=None)
 def device_label(device):
-    env = utils.environment(device)
+    env = configuration.environment(device)
     return f"{device.type}: {env.get('gpu') or env.get('cpu')}"
 
 
@@ -205,7 +201,7 @@ def make_optimizer(name, params, lr, device):
     params = list(params)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9)
-    return utils.adam(params, lr, device)
+    return training.adam(params, lr, device)
 
 
 # ----------------------------------------------------------------------------- one FUSE round
@@ -234,7 +230,7 @@ def mixture_step(mix, optimizer, xb, yb, loss_fn, precision="fp32"):
     but one.
     """
     def forward(net):  # in `precision`; the logits, α and the loss in fp32
-        with utils.autocast(precision, xb.device):
+        with training.autocast(precision, xb.device):
             return net(xb).float()
 
     *others, last = mix.candidates
@@ -255,14 +251,14 @@ def train_weights(mix, train, cfg, device, generator, bar=None):
     mix.alpha.requires_grad_(False)
     optimizer = make_optimizer(cfg.W_OPTIMIZER, mix.candidate_parameters(), cfg.W_LR, device)
     for _ in range(cfg.W_EPOCHS):
-        utils.train_epoch(mix, optimizer, train.x, train.y, cfg.BATCH_SIZE, generator, device, progress=bar,
-                          step=mixture_step, precision=cfg.PRECISION)
+        training.train_epoch(mix, optimizer, train.x, train.y, cfg.BATCH_SIZE, generator, device, progress=bar,
+                             step=mixture_step, precision=cfg.PRECISION)
     mix.alpha.requires_grad_(True)
 
 
 def candidate_logits(mix, x, cfg):
     """(candidates, images, classes) logits of the candidates in evaluation mode, on the mixture's device."""
-    return torch.stack([utils.predict(net, x, cfg.EVAL_BATCH, cfg.PRECISION)
+    return torch.stack([training.predict(net, x, cfg.EVAL_BATCH, cfg.PRECISION)
                         for net in mix.candidates]).to(mix.alpha.device)
 
 
@@ -274,7 +270,7 @@ def train_alpha(mix, val, cfg, device, generator):
     logits, y = candidate_logits(mix, val.x, cfg), val.y.to(device)
     optimizer = make_optimizer(cfg.ALPHA_OPTIMIZER, [mix.alpha], cfg.ALPHA_LR, device)
     for _ in range(cfg.ALPHA_EPOCHS):
-        for idx in utils.batches(len(y), cfg.BATCH_SIZE, True, generator, device):
+        for idx in training.batches(len(y), cfg.BATCH_SIZE, True, generator, device):
             loss = F.cross_entropy(mix.combine(logits[:, idx]), y[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -293,7 +289,7 @@ def eligible_members(logits, y, cfg):
     """The members that may win a round, by their validation AUROC (threshold-free: a member alone can sit at
     the majority class while it ranks the images well, because the mixture sums the members' logits and their
     offsets need not each be right), and those AUROCs."""
-    auroc = [utils.classification_metrics(member, y)["auroc"] for member in logits]
+    auroc = [training.classification_metrics(member, y)["auroc"] for member in logits]
     return [i for i, a in enumerate(auroc) if a >= cfg.MIN_MEMBER_AUROC], auroc
 
 
@@ -361,7 +357,7 @@ class Search:
     num_classes: int
 
     def identity(self, cfg):
-        return utils.plain(dict(pick(cfg, SEARCH_KEYS), task=self.task, data=self.data_id, space_name=self.space_name,
+        return store.plain(dict(pick(cfg, SEARCH_KEYS), task=self.task, data=self.data_id, space_name=self.space_name,
                           space=self.space, first=self.first.to_json()))
 
 
@@ -401,7 +397,7 @@ def round_config(search, r, incumbent, cfg):
 
 def saved_rounds(folder, log=None):
     """The round files of a search folder (name -> content), read by the driver for the unit that resumes it."""
-    return {path.name: utils.read_saved(path, log) for path in sorted(Path(folder).glob("round_*.json"))}
+    return {path.name: store.read_saved(path, log) for path in sorted(Path(folder).glob("round_*.json"))}
 
 
 def fuse_search(search, train, val, saved, cfg, device, save, log):
@@ -413,7 +409,7 @@ def fuse_search(search, train, val, saved, cfg, device, save, log):
     for r in tqdm(range(1, search.rounds + 1), desc=f"FUSE {search.task} ({search.space_name})", unit="round"):
         name = f"round_{r:02d}.json"
         record = saved.get(name)
-        if not utils.made_with(record, round_config(search, r, incumbent, cfg)):
+        if not store.made_with(record, round_config(search, r, incumbent, cfg)):
             record = search_round(search, r, incumbent, train, val, cfg, device, save, log)
         incumbent = read_genotype(record["candidates"][record["winner"]], search.folder / name)
         records.append(record)
@@ -437,8 +433,9 @@ def search_unit(search, tasks, saved, cfg, device, save, log):
 
 def write_search(search, result):
     """A finished search's result.json and α plot, written by the driver."""
-    utils.write_json(search.folder / "result.json", result)
-    plot_alpha(result["rounds"], search.folder / "alpha.png", f"FUSE on {search.task}, {search.space_name} space")
+    store.write_json(search.folder / "result.json", result)
+    reporting.plot_alpha(result["rounds"], search.folder / "alpha.png",
+                         f"FUSE on {search.task}, {search.space_name} space")
 
 
 def standard_search(name, data, rounds, folder, cfg):
@@ -460,27 +457,27 @@ def closest_tasks(cfg, data, log):
     """The K base tasks closest to TARGET, from step 2's closest list of DISTANCE, after checking that
     step 2 measured them on this target's data, split and seed."""
     path = Path(cfg.CKPT_DIR) / "distances" / CLOSEST_FILES[cfg.DISTANCE]
-    payload = utils.read_saved(path, log)
+    payload = store.read_saved(path, log)
     if payload is None:
-        raise utils.UserError(f"no task distances: {path} is missing; measure them with: {prune_command(cfg, [])}")
+        raise UserError(f"no task distances: {path} is missing; measure them with: {prune_command(cfg, [])}")
     closest = payload.get("closest", {})
     if not closest.get(cfg.TARGET):
-        raise utils.UserError(f"{path} has no distances to target {cfg.TARGET!r} (only to "
-                              f"{', '.join(closest) or 'no target'}); measure them with: "
-                              f"{prune_command(cfg, list(closest))}")
+        raise UserError(f"{path} has no distances to target {cfg.TARGET!r} (only to "
+                        f"{', '.join(closest) or 'no target'}); measure them with: "
+                        f"{prune_command(cfg, list(closest))}")
     made = payload.get("config", {})
     for name in ("SEED", "VAL_FRACTION", "PRECISION"):
         if made.get(name) != getattr(cfg, name):
-            raise utils.UserError(f"{path} was made with {name}={made.get(name)!r}, this run has "
-                                  f"{name}={getattr(cfg, name)!r}; remake it with: {prune_command(cfg, list(closest))} "
-                                  f"--{name}={getattr(cfg, name)!r}")
+            raise UserError(f"{path} was made with {name}={made.get(name)!r}, this run has "
+                            f"{name}={getattr(cfg, name)!r}; remake it with: {prune_command(cfg, list(closest))} "
+                            f"--{name}={getattr(cfg, name)!r}")
     if payload.get("data", {}).get(cfg.TARGET) != data.fingerprint:
-        raise utils.UserError(f"{path} measured {cfg.TARGET!r} on other data, labels or split than "
-                              f"{data.source}; remake it with: {prune_command(cfg, list(closest))}")
+        raise UserError(f"{path} measured {cfg.TARGET!r} on other data, labels or split than "
+                        f"{data.source}; remake it with: {prune_command(cfg, list(closest))}")
     ranked = closest[cfg.TARGET]
     if len(ranked) < cfg.K:
-        raise utils.UserError(f"{path} ranks {len(ranked)} base task(s) for {cfg.TARGET!r} but K={cfg.K}: "
-                              "lower K or measure more SOURCES with prune_transform.py")
+        raise UserError(f"{path} ranks {len(ranked)} base task(s) for {cfg.TARGET!r} but K={cfg.K}: "
+                        "lower K or measure more SOURCES with prune_transform.py")
     return ranked[:cfg.K]
 
 
@@ -490,16 +487,16 @@ def dictionary_entry(task, data, cfg, log):
     BASE_ROUNDS rounds, saved there by write_dictionary)."""
     path = dictionary_path(cfg, task)
     search = standard_search(task, data, cfg.BASE_ROUNDS, path.with_suffix(""), cfg)
-    entry = utils.read_saved(path, log)
+    entry = store.read_saved(path, log)
     if entry is not None:
         genotype = read_genotype(entry.get("genotype") if isinstance(entry, dict) else entry, path)
         if genotype.nodes != cfg.NODES:
-            raise utils.UserError(f"{path}: a cell of {genotype.nodes} nodes, but NODES={cfg.NODES}; "
-                                  "fix the file, delete it, or set NODES to match")
+            raise UserError(f"{path}: a cell of {genotype.nodes} nodes, but NODES={cfg.NODES}; "
+                            "fix the file, delete it, or set NODES to match")
         if "config" not in entry:
             log.info("%s: genotype %s given by hand in %s", task, "/".join(genotype.ops), path)
             return genotype, float("nan")
-        if utils.made_with(entry, dict(search.identity(cfg), rounds=cfg.BASE_ROUNDS)):
+        if store.made_with(entry, dict(search.identity(cfg), rounds=cfg.BASE_ROUNDS)):
             return genotype, entry["seconds"]
         log.info("%s: %s was searched with another config, searching again", task, path)
     return None, search
@@ -510,7 +507,7 @@ def dictionary_path(cfg, task):
 
 
 def write_dictionary(search, result, cfg):
-    utils.write_json(dictionary_path(cfg, search.task), dict(task=search.task, genotype=result["genotype"],
+    store.write_json(dictionary_path(cfg, search.task), dict(task=search.task, genotype=result["genotype"],
                      config=dict(search.identity(cfg), rounds=cfg.BASE_ROUNDS), seconds=result["seconds"],
                      device=result["device"]))
 
@@ -521,7 +518,7 @@ def task_aware_search(data, ranked, found, folder, cfg, log):
     genotypes = [found[r["task"]][0] for r in ranked]
     space = task_aware_space(genotypes)
     log.info("task-aware space of %s from %s: %s (%d genotypes)", cfg.TARGET,
-             ", ".join(f"{utils.closest_label(r, '.3g')}: {'/'.join(g.ops)}" for r, g in zip(ranked, genotypes)),
+             ", ".join(f"{reporting.closest_label(r, '.3g')}: {'/'.join(g.ops)}" for r, g in zip(ranked, genotypes)),
              " | ".join("/".join(edge) for edge in space), space_size(space))
     first = Genotype(genotypes[0].ops, cfg.NODES, cfg.C, cfg.N)
     search = Search(cfg.TARGET, "task_aware", space, first, cfg.ROUNDS, Path(folder), data.fingerprint,
@@ -538,8 +535,9 @@ def random_trial(genotype, epochs, seed, train, val, num_classes, cfg, device):
     optimizer = make_optimizer(cfg.W_OPTIMIZER, net.parameters(), cfg.W_LR, device)
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
-        utils.train_epoch(net, optimizer, train.x, train.y, cfg.BATCH_SIZE, generator, device, precision=cfg.PRECISION)
-    logits = utils.predict(net, val.x, cfg.EVAL_BATCH, cfg.PRECISION)
+        training.train_epoch(net, optimizer, train.x, train.y, cfg.BATCH_SIZE, generator, device,
+                             precision=cfg.PRECISION)
+    logits = training.predict(net, val.x, cfg.EVAL_BATCH, cfg.PRECISION)
     accuracy = float((logits.argmax(1) == val.y).float().mean() * 100)
     return dict(genotype=genotype.to_json(), epochs=epochs, val_accuracy=accuracy,
                 seconds=time.perf_counter() - start, device=device_label(device))
@@ -554,8 +552,8 @@ def random_search(tasks, target, standard, saved, path, cfg, device, save, log):
     budgets = [r["alternations"] * cfg.W_EPOCHS for r in standard["rounds"] for _ in r["candidates"]]
     rng = random.Random(f"{cfg.SEED}/{data.name}/random")
     genotypes = sample_distinct(standard_space(cfg.NODES), rng, len(budgets), (), cfg.NODES, cfg.C, cfg.N)
-    config = utils.plain(dict(pick(cfg, SEARCH_KEYS), task=data.name, data=data.fingerprint, budgets=budgets))
-    trials = saved["trials"] if utils.made_with(saved, config) else []
+    config = store.plain(dict(pick(cfg, SEARCH_KEYS), task=data.name, data=data.fingerprint, budgets=budgets))
+    trials = saved["trials"] if store.made_with(saved, config) else []
     train = limit(data.train, cfg.SEARCH_LIMIT)
     for i in tqdm(range(len(trials), len(genotypes)), desc=f"random search {data.name}", unit="trial"):
         seed = seed_of(cfg.SEED, data.name, "random", i)
@@ -581,10 +579,11 @@ def retrain(build, data, epochs, images, cfg, device, seed, label):
     is not scored: nothing reads it, and on full data it would add 60 % to DenseNet-161's evaluation)."""
     torch.manual_seed(seed)
     model = build().to(device)
-    utils.fit(model, limit(data.train, images), epochs, cfg.BATCH_SIZE, cfg.FINAL_LR, seed, device, label, cfg.PRECISION)
+    training.fit(model, limit(data.train, images), epochs, cfg.BATCH_SIZE, cfg.FINAL_LR, seed, device, label,
+                 cfg.PRECISION)
     test = data.test
-    logits, labels = utils.predict(model, test.x, cfg.EVAL_BATCH, cfg.PRECISION), test.y
-    metrics = {f"test_{k}": v for k, v in utils.classification_metrics(logits, labels).items()}
+    logits, labels = training.predict(model, test.x, cfg.EVAL_BATCH, cfg.PRECISION), test.y
+    metrics = {f"test_{k}": v for k, v in training.classification_metrics(logits, labels).items()}
     wrong = torch.nonzero(logits.argmax(1) != labels).flatten().tolist()
     return model, metrics, dict(test_images=len(labels), test_wrong=wrong)
 
@@ -622,7 +621,7 @@ def row_record(row, config, runs, out, cfg, log):
                   runs=[r["metrics"] for r in runs], test_images=runs[0]["test_images"],
                   test_wrong=[r["test_wrong"] for r in runs], seconds=sum(r["seconds"] for r in runs),
                   device=", ".join(sorted({r["device"] for r in runs})))
-    utils.write_json(out / "rows" / f"{row}.json", record)
+    store.write_json(out / "rows" / f"{row}.json", record)
     errors = [m["test_error"] for m in record["runs"]]
     log.info("%s: test error %.2f %% over %d seed(s) (balanced %.2f %%, AUROC %.4f), %.3f M parameters, %.1f s",
              row, np.mean(errors), len(errors), np.mean([m["test_balanced_error"] for m in record["runs"]]),
@@ -630,134 +629,15 @@ def row_record(row, config, runs, out, cfg, log):
     return record
 
 
-def paired_difference(record, reference, draws=10_000, seed=0, chunk=250):
-    """Test-error difference (points) of a row against the reference row on the same test images: each
-    image's error rate averaged over the seeds, the mean difference, and its 95 % bootstrap interval. Each
-    draw resamples both rows' seeds (each row's own, with replacement: retrainings of two architectures are
-    not paired by seed), then the test images (paired: the same images for both rows), so the interval
-    carries the seed-to-seed spread as well as the images'."""
-    n = record["test_images"]
-    def wrong(rec):
-        table = np.zeros((len(rec["test_wrong"]), n), dtype=np.float32)
-        for s, images in enumerate(rec["test_wrong"]):
-            table[s, images] = 1
-        return table
-    rows, refs, rng = wrong(record), wrong(reference), np.random.default_rng(seed)
-    def draw(size):  # `size` bootstrap means: seeds resampled per row, then the images for both
-        pick = lambda table: table[rng.integers(0, len(table), (size, len(table)))].mean(1)  # (size, n)
-        per_image = pick(rows) - pick(refs)
-        return np.take_along_axis(per_image, rng.integers(0, n, (size, n)), 1).mean(1)
-    means = np.concatenate([draw(min(chunk, draws - start)) for start in range(0, draws, chunk)])
-    low, high = np.percentile(means, [2.5, 97.5])
-    return 100 * float(rows.mean() - refs.mean()), 100 * float(low), 100 * float(high)
-
-
-def table_row(row, record, searches, reference):
-    label, paper_error, paper_params, paper_days = PAPER_ROWS[row]
-    search = searches.get(ROW_SEARCH.get(row))
-    mean = lambda key: float(np.mean([m[key] for m in record["runs"]]))
-    errors = [m["test_error"] for m in record["runs"]]
-    diff, low, high = paired_difference(record, reference) if reference and row != "fuse_task_aware" else (
-        float("nan"),) * 3
-    config = record["config"]
-    return {"Architecture": label, "Error (%)": mean("test_error"),
-            "Error sd": float(np.std(errors, ddof=1)) if len(errors) > 1 else float("nan"),
-            "Δ vs TA-NAS (points)": diff, "95% CI low": low, "95% CI high": high,
-            "Significant": "–" if math.isnan(diff) else "yes" if low > 0 or high < 0 else "no",
-            "Balanced error (%)": mean("test_balanced_error"), "AUROC": mean("test_auroc"),
-            "Params (M)": record["params"] / 1e6, "Seeds": len(errors),
-            "Retrain budget": f"{config['epochs']} ep × {config['images'] or 'all'} img",
-            "Search (s)": search["seconds"] if search else float("nan"),
-            "Dictionary (s)": (search or {}).get("dictionary_seconds", float("nan")),
-            "Retrain (s)": record["seconds"], "Device": search["device"] if search else record["device"],
-            "Paper error (%)": paper_error, "Paper params (M)": paper_params,
-            "Paper GPU days": float("nan") if paper_days is None else paper_days}
-
-
-FORMATS = {"Error (%)": "{:.2f}", "Error sd": "{:.2f}", "Δ vs TA-NAS (points)": "{:+.2f}", "95% CI low": "{:+.2f}",
-           "95% CI high": "{:+.2f}", "Balanced error (%)": "{:.2f}", "AUROC": "{:.4f}", "Params (M)": "{:.3f}",
-           "Search (s)": "{:.0f}", "Dictionary (s)": "{:.0f}", "Retrain (s)": "{:.0f}", "Paper error (%)": "{:.2f}",
-           "Paper params (M)": "{:.2f}", "Paper GPU days": "{:g}", "rounds": "{:.0f}", "decided": "{:.0f}",
-           "alpha_is_best_val_accuracy": "{:.0f}", "alpha_is_best_val_auroc": "{:.0f}", "minutes": "{:.1f}"}
-
-
-def markdown(table):
-    """A Markdown table (pandas' to_markdown needs the tabulate package); missing values as '–'."""
-    def cell(column, value):
-        if isinstance(value, float) and math.isnan(value):
-            return "–"
-        return FORMATS.get(column, "{}").format(value)
-    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(cell(c, v) for c, v in zip(table.columns, row)) + " |"
-              for row in table.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
-
 
 # ----------------------------------------------------------------------------- plots
-def plot_alpha(records, path, title):
-    """softmax(α) of every candidate over the alternations, one panel per round."""
-    cols = min(5, len(records))
-    rows = -(-len(records) // cols)
-    fig = Figure(figsize=(3.2 * cols, 2.6 * rows))
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for ax, record in zip(axes.flat, records):
-        alpha = np.array(record["alpha"])
-        for c in range(alpha.shape[1]):
-            name = "incumbent" if c == 0 else f"candidate {c}"
-            ax.plot(range(len(alpha)), alpha[:, c], marker=".",
-                    label=name + (" (winner)" if c == record["winner"] else ""))
-        ax.set_title(f"round {record['round']}", fontsize=9)
-        ax.set_xlabel("alternation")
-        ax.set_ylabel("softmax(α)")
-        ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(records):]:
-        ax.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout()
-    utils.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-
-
-def plot_error_params(table, path, target):
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.subplots()
-    # errors on a log scale: a row that failed to train (tens of %) would otherwise flatten the others into a line
-    errors = np.log10(pd.concat([table["Error (%)"], table["Paper error (%)"]]).clip(lower=0.01))
-    span, placed = np.ptp(errors) or 1.0, []
-    ours, paper = f"ours ({target}, test split; ± sd over seeds)", "paper (Quick, Draw! moon)"
-    for columns, marker, label, sd in ((("Params (M)", "Error (%)"), "o", ours, table["Error sd"]),
-                                       (("Paper params (M)", "Paper error (%)"), "x", paper, None)):
-        x, y = table[columns[0]], table[columns[1]].clip(lower=0.01)
-        bars = None if sd is None else [np.minimum(sd, 0.9 * y), sd]  # a lower bar stops above 0
-        ax.errorbar(x, y, yerr=bars, fmt=marker, capsize=2, label=label)
-        for name, xi, yi in zip(table["Architecture"], x, y):
-            # near the points already labelled: below them when lower than all, else stacked above, so labels stay apart
-            near = [py for px, py in placed
-                    if abs(math.log10(xi / px)) < 0.2 and abs(math.log10(yi / py)) < 0.05 * span]
-            dy = -10 if near and all(yi < py for py in near) else 3 + 9 * len(near)
-            ax.annotate(name, (xi, yi), fontsize=6, xytext=(4, dy), textcoords="offset points")
-            placed.append((xi, yi))
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("parameters (M)")
-    ax.set_ylabel("test error (%, log scale)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    utils.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-
-
-def write_frame(table, stem):
-    """A table as <stem>.csv and <stem>.md, atomically; returns the Markdown."""
-    utils.atomic_write(stem.with_suffix(".csv"), lambda tmp: table.to_csv(tmp, index=False))
-    text = markdown(table)
-    utils.atomic_write(stem.with_suffix(".md"), lambda tmp: Path(tmp).write_text(text))
-    return text
-
 
 def write_table(records, searches, out, cfg, log):
     reference = records.get("fuse_task_aware")
-    table = pd.DataFrame([table_row(row, record, searches, reference) for row, record in records.items()])
-    text = write_frame(table, out / "table")
-    plot_error_params(table, out / "error_vs_params.png", cfg.TARGET)
+    table = pd.DataFrame([reporting.table_row(row, record, searches.get(ROW_SEARCH.get(row)), reference)
+                          for row, record in records.items()])
+    text = reporting.write_frame(table, out / "table")
+    reporting.plot_error_params(table, out / "error_vs_params.png", cfg.TARGET)
     log.info("comparison on %s (test split; %s/table.csv, table.md):\n%s", cfg.TARGET, out, text)
     return table
 
@@ -776,19 +656,19 @@ def search_summary(ranked, searches, out, cfg, log):
     lines = []
     for r in ranked or []:
         path = dictionary_path(cfg, r["task"])
-        entry, folder = utils.read_saved(path), path.with_suffix("")
-        rounds = [utils.read_saved(folder / f"round_{k:02d}.json") for k in range(1, cfg.BASE_ROUNDS + 1)]
+        entry, folder = store.read_saved(path), path.with_suffix("")
+        rounds = [store.read_saved(folder / f"round_{k:02d}.json") for k in range(1, cfg.BASE_ROUNDS + 1)]
         if entry and "config" in entry and all(rounds):  # not for a genotype given by hand
             lines.append(line(f"dictionary: {r['task']}", rounds, entry["genotype"], entry["seconds"]))
     for key in [k for k in ROW_SEARCH.values() if k in searches]:
         result = searches[key]
         if key == "random":
-            trials = len(utils.read_saved(out / "random.json")["trials"])
+            trials = len(store.read_saved(out / "random.json")["trials"])
             lines.append(line(f"random search ({trials} trials)", None, result["genotype"], result["seconds"]))
         else:
             lines.append(line(f"{key.replace('_', '-')} space", result["rounds"], result["genotype"], result["seconds"]))
     table = pd.DataFrame(lines)
-    text = write_frame(table, out / "searches")
+    text = reporting.write_frame(table, out / "searches")
     log.info("searches for %s (%s/searches.csv, searches.md):\n%s", cfg.TARGET, out, text)
     return table
 
@@ -800,106 +680,120 @@ def needed_spaces(cfg):
     return list(dict.fromkeys(spaces + (["standard"] if "random" in cfg.ROWS else [])))
 
 
-def run_units(ex, tasks, data, ranked, out, cfg, log):
+class TargetUnits:
     """The target's searches and the rows' retrainings (one unit per FINAL_SEEDS seed) as one set of units, each
     submitted as soon as what it needs has ended: at once the base tasks' searches that the task-aware space lacks
     from the dictionary, the standard search and the reference CNNs; the task-aware search once those base tasks
     have their genotypes, random search once the standard search has ended, a searched row once its search has. So
     no worker idles while a unit that others do not need is pending. A seed retrained earlier with the same config
-    is reused. Returns the searches' results and the rows' records (rows/<row>.json)."""
-    target, spaces = data[cfg.TARGET], needed_spaces(cfg)
-    found, searches, runs, configs, then, jobs = {}, {}, {}, {}, {}, []
+    is reused. Each unit's follow-up (`then`) runs in the driver when it ends: it writes the unit's files and
+    submits the units that waited for it."""
 
-    def submit(name, after, fn, *args):
-        then[name] = after
-        jobs.append(ex.submit(name, fn, *args))
+    def __init__(self, ex, tasks, data, ranked, out, cfg, log):
+        self.ex, self.tasks, self.data, self.ranked, self.out, self.cfg, self.log = ex, tasks, data, ranked, out, cfg, log
+        self.target = data[cfg.TARGET]
+        self.found, self.searches, self.runs, self.configs, self.then, self.jobs = {}, {}, {}, {}, {}, []
 
-    def start_search(key, search, after):
+    def run(self):
+        """Run every unit; the searches' results and the rows' records (rows/<row>.json)."""
+        cfg, spaces = self.cfg, needed_spaces(self.cfg)
+        for r in self.ranked if "task_aware" in spaces else []:
+            genotype, entry = dictionary_entry(r["task"], self.data[r["task"]], cfg, self.log)
+            if genotype is None:
+                self.start_search("dictionary", entry, functools.partial(self.dictionary_searched, entry))
+            else:
+                self.base_task_ready(r["task"], genotype, entry)
+        if "standard" in spaces:
+            search = standard_search(cfg.TARGET, self.target, cfg.ROUNDS, self.out / "standard", cfg)
+            self.start_search("standard", search, functools.partial(self.searched, "standard"))
+        for row in cfg.ROWS:  # after the searches, whose units others wait for
+            if row not in ROW_SEARCH:
+                self.retrain_row(row)
+        self.ex.run(self.jobs, "units", lambda name, result: self.then.pop(name)(result))
+
+        headline = self.searches[cfg.SPACE]
+        store.write_json(self.out / "genotype.json",
+                         {k: headline[k] for k in ("task", "space", "genotype", "config", "seconds")})
+        self.log.info("%s: searched genotype in the %s space: %s", cfg.TARGET, cfg.SPACE,
+                      "/".join(headline["genotype"]["ops"]))
+        return self.searches, {row: row_record(row, self.configs[row], [self.runs[row, s] for s in cfg.FINAL_SEEDS],
+                                               self.out, cfg, self.log) for row in cfg.ROWS}
+
+    def submit(self, name, then, fn, *args):
+        self.then[name] = then
+        self.jobs.append(self.ex.submit(name, fn, *args))
+
+    def start_search(self, key, search, then):
         def ended(result):
             write_search(search, result)
-            after(result)
-        submit(f"{search.task} ({key})", ended, search_unit, search, tasks, saved_rounds(search.folder, log), cfg,
-               ex.device, ex.save, ex.log)
+            then(result)
+        self.submit(f"{search.task} ({key})", ended, search_unit, search, self.tasks,
+                    saved_rounds(search.folder, self.log), self.cfg, self.ex.device, self.ex.save, self.ex.log)
 
-    def retrain_row(row):
-        configs[row] = config = row_config(row, target, searches, cfg)
-        for s in cfg.FINAL_SEEDS:
-            runs[row, s] = utils.load_current(out / "rows" / f"{row}_seed{s}.json", dict(config, seed=s), log)
-            if runs[row, s] is None:
-                submit(f"{row} seed {s}", functools.partial(retrained, row, s), retrain_unit, config, s, tasks, cfg,
-                       ex.device)
+    def dictionary_searched(self, search, result):
+        write_dictionary(search, result, self.cfg)
+        self.base_task_ready(search.task, Genotype.from_json(result["genotype"]), result["seconds"])
+
+    def base_task_ready(self, task, genotype, seconds):
+        self.found[task] = genotype, seconds
+        if len(self.found) == len(self.ranked):
+            aware, dictionary_seconds = task_aware_search(self.target, self.ranked, self.found,
+                                                          self.out / "task_aware", self.cfg, self.log)
+            self.start_search("task_aware", aware,
+                              lambda r: self.searched("task_aware", dict(r, dictionary_seconds=dictionary_seconds)))
+
+    def searched(self, key, result):
+        self.searches[key] = result
+        for row in self.cfg.ROWS:
+            if ROW_SEARCH.get(row) == key:
+                self.retrain_row(row)
+        if key == "standard" and "random" in self.cfg.ROWS:
+            path = self.out / "random.json"
+            self.submit("random search", functools.partial(self.searched, "random"), random_search, self.tasks,
+                        self.cfg.TARGET, result, store.read_saved(path, self.log), path, self.cfg, self.ex.device,
+                        self.ex.save, self.ex.log)
+
+    def retrain_row(self, row):
+        self.configs[row] = config = row_config(row, self.target, self.searches, self.cfg)
+        for s in self.cfg.FINAL_SEEDS:
+            self.runs[row, s] = store.load_current(self.out / "rows" / f"{row}_seed{s}.json", dict(config, seed=s),
+                                                   self.log)
+            if self.runs[row, s] is None:
+                self.submit(f"{row} seed {s}", functools.partial(self.retrained, row, s), retrain_unit, config, s,
+                            self.tasks, self.cfg, self.ex.device)
             else:
-                log.info("%s seed %d: retrained earlier with the same config, reused", row, s)
+                self.log.info("%s seed %d: retrained earlier with the same config, reused", row, s)
 
-    def retrained(row, s, result):
+    def retrained(self, row, s, result):
         run, state = result
         if state:
-            utils.save_checkpoint(state, out / "rows" / f"{row}_seed{s}.pt")
-        utils.write_json(out / "rows" / f"{row}_seed{s}.json", run)
-        runs[row, s] = run
-
-    def searched(key, result):
-        searches[key] = result
-        for row in cfg.ROWS:
-            if ROW_SEARCH.get(row) == key:
-                retrain_row(row)
-        if key == "standard" and "random" in cfg.ROWS:
-            path = out / "random.json"
-            submit("random search", functools.partial(searched, "random"), random_search, tasks, cfg.TARGET, result,
-                   utils.read_saved(path, log), path, cfg, ex.device, ex.save, ex.log)
-
-    def base_task_ready(task, genotype, seconds):
-        found[task] = genotype, seconds
-        if len(found) == len(ranked):
-            aware, dictionary_seconds = task_aware_search(target, ranked, found, out / "task_aware", cfg, log)
-            start_search("task_aware", aware,
-                         lambda r: searched("task_aware", dict(r, dictionary_seconds=dictionary_seconds)))
-
-    def dictionary_searched(search, result):
-        write_dictionary(search, result, cfg)
-        base_task_ready(search.task, Genotype.from_json(result["genotype"]), result["seconds"])
-
-    for r in ranked if "task_aware" in spaces else []:
-        genotype, entry = dictionary_entry(r["task"], data[r["task"]], cfg, log)
-        if genotype is None:
-            start_search("dictionary", entry, functools.partial(dictionary_searched, entry))
-        else:
-            base_task_ready(r["task"], genotype, entry)
-    if "standard" in spaces:
-        start_search("standard", standard_search(cfg.TARGET, target, cfg.ROUNDS, out / "standard", cfg),
-                     functools.partial(searched, "standard"))
-    for row in cfg.ROWS:  # after the searches, whose units others wait for
-        if row not in ROW_SEARCH:
-            retrain_row(row)
-    ex.run(jobs, "units", lambda name, result: then.pop(name)(result))
-
-    headline = searches[cfg.SPACE]
-    utils.write_json(out / "genotype.json", {k: headline[k] for k in ("task", "space", "genotype", "config", "seconds")})
-    log.info("%s: searched genotype in the %s space: %s", cfg.TARGET, cfg.SPACE, "/".join(headline["genotype"]["ops"]))
-    return searches, {row: row_record(row, configs[row], [runs[row, s] for s in cfg.FINAL_SEEDS], out, cfg, log)
-                      for row in cfg.ROWS}
+            store.save_checkpoint(state, self.out / "rows" / f"{row}_seed{s}.pt")
+        store.write_json(self.out / "rows" / f"{row}_seed{s}.json", run)
+        self.runs[row, s] = run
 
 
 def main(argv=None):
-    cfg, device, log = utils.start_script("model_FUSE", globals(), argv, check_config)
+    cfg, device, log = configuration.start_script("model_FUSE", globals(), argv, check_config)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False  # same seed, same genotypes
-    utils.warn_paper_on_cpu(cfg, device, log, "days: one FUSE round at C = 64, N = 3 on the full data is about 10 h at "
-                                              "a 2-core CPU's matmul peak, and every search runs 10 rounds")
+    configuration.warn_paper_on_cpu(cfg, device, log, "days: one FUSE round at C = 64, N = 3 on the full data is "
+                                    "about 10 h at a 2-core CPU's matmul peak, and every search runs 10 rounds")
     out = Path(cfg.CKPT_DIR) / "search" / cfg.TARGET
     start = time.perf_counter()
-    with utils.stage(log, "data"):
-        data = {cfg.TARGET: utils.load_task(cfg.TARGET, cfg, log)}
+    with configuration.stage(log, "data"):
+        data = {cfg.TARGET: utils.load_task(cfg.TARGET, **configuration.data_options(cfg), log=log)}
     ranked = closest_tasks(cfg, data[cfg.TARGET], log) if "task_aware" in needed_spaces(cfg) else None  # fails first
-    data.update({r["task"]: utils.load_task(r["task"], cfg, log) for r in ranked or []})
+    data.update({r["task"]: utils.load_task(r["task"], **configuration.data_options(cfg), log=log)
+                 for r in ranked or []})
     with executor.start(cfg, device, log) as ex:
         tasks = ex.share(lambda: data)  # one copy of the images for every unit
-        with utils.stage(log, "searches and rows"):
-            searches, records = run_units(ex, tasks, data, ranked, out, cfg, log)
+        with configuration.stage(log, "searches and rows"):
+            searches, records = TargetUnits(ex, tasks, data, ranked, out, cfg, log).run()
     search_summary(ranked, searches, out, cfg, log)
     table = write_table(records, searches, out, cfg, log) if records else None
     log.info("total wall-clock %.1f s", time.perf_counter() - start)
     return table
 
+
 if __name__ == "__main__":
     import model_FUSE  # run the importable module, whose units Ray's workers can import too
-    utils.run(model_FUSE.main)
+    configuration.run(model_FUSE.main)

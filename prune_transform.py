@@ -10,7 +10,6 @@ With DISTANCE = "fisher" or "both" it writes the Fisher task distance beside it:
 fisher_matrix.csv, fisher_heatmap.png, fisher_closest.json, and with both distances agreement.csv (per target,
 the rank correlation of the two and the overlap of their K closest).
 """
-import copy
 import functools
 import math
 import time
@@ -18,18 +17,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from matplotlib.colors import LogNorm, Normalize
-from matplotlib.figure import Figure
+from matplotlib.colors import Normalize
 from torch.nn.utils import prune
 from tqdm import tqdm
 
+import configuration
 import executor
+import fisher
+import reporting
+import store
 import train_task
+import training
 import utils
+from configuration import UserError
 from models import TransferNet
 
 PRESET = ""               # "" = the constants below as written; or a name from PRESETS (paper, smoke)
@@ -82,7 +85,8 @@ REFINE = 0.02             # bisect the crossing until the kept shares of the las
                           # level differ by at most this factor minus 1 (0 = off); it must be finer than the 5 %
                           # grid everywhere (40 -> 35 % kept is only 14 %), or pairs tie on grid points
 DISTANCE = "transfer"     # which task distance: "transfer" (the paper's pruned transfer net), "fisher" (the Fisher
-                          # task distance of the authors' follow-up, in [0, 1]) or "both" (and their rank agreement)
+                          # task distance of the authors' follow-up, fisher.py; in [0, 1]) or "both" (and their rank
+                          # agreement)
 FISHER_SAMPLES = 1000     # target training images whose per-sample gradients make each Fisher diagonal
 FISHER_PARAMS = "all"     # "all" parameters, or "last": the last weight layer before the head and the head
 K = 3                     # closest base tasks reported per target
@@ -104,31 +108,32 @@ PRESETS = {
     "smoke": dict(TRAIN_LIMIT=400, EVAL_LIMIT=200, TRANSFER_EPOCHS=2, PRUNE_LEVELS=[0.5, 0.9, 0.99], REFINE=0.0),
 }
 
-# the constants a pair's measurement depends on: a pair file is reused while these match
-CPU_MINUTES_PER_PAIR = 4  # a full-data pair: 2,700 training steps and its pruning sweep at 2 threads (README)
-PAIR_KEYS = frozenset({"SEED", "VAL_FRACTION", "TRAIN_LIMIT", "EVAL_LIMIT", "FEATURES", "TRANSFER_EPOCHS",
-                       "BATCH_SIZE", "LR", "LR_SCHEDULE", "TRANSFER_SEED", "PERFORMANCE", "PROBE_EPOCHS",
-                       "TOLERANCE", "STOP", "SCHEDULE", "FINETUNE_EPOCHS", "SEARCH", "PRUNE_LEVELS", "REFINE", "PRECISION"})
-CHOICES = {"FEATURES": ("standardized", "raw", "uint8"), "LR_SCHEDULE": ("constant", "cosine"),
-           "PERFORMANCE": ("balanced_accuracy", "accuracy", "auroc", "probe"), "FEASIBILITY": ("2eps", "eps", "none"), "STOP": ("relative", "level"),
-           "SCHEDULE": ("oneshot", "iterative"), "SEARCH": ("bisect", "all"), "PRECISION": utils.PRECISIONS,
-           "DISTANCE": ("transfer", "fisher", "both"), "FISHER_PARAMS": ("all", "last")}
+# not settings (configure reads the block above): what a saved pair or Fisher pair depends on (reused while these
+# match), the valid values of the constants that take a name, and the cost a paper-preset run on a CPU announces
+PAIR_KEYS = frozenset({"SEED", "VAL_FRACTION", "TRAIN_LIMIT", "EVAL_LIMIT", "FEATURES", "TRANSFER_EPOCHS", "BATCH_SIZE",
+                       "LR", "LR_SCHEDULE", "TRANSFER_SEED", "PERFORMANCE", "PROBE_EPOCHS", "TOLERANCE", "STOP",
+                       "SCHEDULE", "FINETUNE_EPOCHS", "SEARCH", "PRUNE_LEVELS", "REFINE", "PRECISION"})
 FISHER_KEYS = frozenset({"SEED", "VAL_FRACTION", "TRAIN_LIMIT", "FISHER_SAMPLES", "FISHER_PARAMS", "PRECISION"})
+CHOICES = {"FEATURES": ("standardized", "raw", "uint8"), "LR_SCHEDULE": ("constant", "cosine"),
+           "PERFORMANCE": ("balanced_accuracy", "accuracy", "auroc", "probe"), "FEASIBILITY": ("2eps", "eps", "none"),
+           "STOP": ("relative", "level"), "SCHEDULE": ("oneshot", "iterative"), "SEARCH": ("bisect", "all"),
+           "PRECISION": training.PRECISIONS, "DISTANCE": ("transfer", "fisher", "both"), "FISHER_PARAMS": ("all", "last")}
+CPU_MINUTES_PER_PAIR = 4  # a full-data pair: 2,700 training steps and its pruning sweep at 2 threads (docs/performance.md)
 
 
 def check_config(cfg):
     executor.check_config(cfg)
     for name, valid in CHOICES.items():
         if getattr(cfg, name) not in valid:
-            raise utils.UserError(f"{name}={getattr(cfg, name)!r}: use one of {', '.join(valid)}")
+            raise UserError(f"{name}={getattr(cfg, name)!r}: use one of {', '.join(valid)}")
     if cfg.PERFORMANCE == "auroc" and cfg.TOLERANCE >= 0.5:
-        raise utils.UserError(f"TOLERANCE={cfg.TOLERANCE} with PERFORMANCE='auroc': the AUROC is a fraction (0.5 = "
-                              "chance); give what it may lose, e.g. --TOLERANCE=0.002")
+        raise UserError(f"TOLERANCE={cfg.TOLERANCE} with PERFORMANCE='auroc': the AUROC is a fraction (0.5 = "
+                        "chance); give what it may lose, e.g. --TOLERANCE=0.002")
     if cfg.STOP == "level" and cfg.FEASIBILITY == "none":
-        raise utils.UserError("STOP='level' stops at the feasibility level: set FEASIBILITY to '2eps' or 'eps'")
+        raise UserError("STOP='level' stops at the feasibility level: set FEASIBILITY to '2eps' or 'eps'")
     levels = list(cfg.PRUNE_LEVELS)
     if not levels or levels != sorted(set(levels)) or not (0 < levels[0] and levels[-1] < 1):
-        raise utils.UserError(f"PRUNE_LEVELS={levels}: give increasing shares of the weights between 0 and 1")
+        raise UserError(f"PRUNE_LEVELS={levels}: give increasing shares of the weights between 0 and 1")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -138,28 +143,28 @@ def load_network(name, data, cfg, device):
     rerun = (f"python train_task.py --TASKS=\"['{name}']\" --PRESET={cfg.PRESET} "
              f"--DATA_DIR={cfg.DATA_DIR} --CKPT_DIR={cfg.CKPT_DIR} --SEED={cfg.SEED} "
              f"--VAL_FRACTION={cfg.VAL_FRACTION}")
-    ckpt = utils.read_saved(path)
+    ckpt = store.read_saved(path)
     if ckpt is None:
-        raise utils.UserError(f"no step-1 network for task {name!r} ({path} is missing or unreadable); "
-                              f"make it with: {rerun}")
+        raise UserError(f"no step-1 network for task {name!r} ({path} is missing or unreadable); "
+                        f"make it with: {rerun}")
     if ckpt.get("data_fingerprint") != data.fingerprint:
-        raise utils.UserError(f"{path} was trained on other data, labels or split than {data.source} with "
-                              f"VAL_FRACTION={cfg.VAL_FRACTION}, SEED={cfg.SEED}; retrain it with: {rerun}")
+        raise UserError(f"{path} was trained on other data, labels or split than {data.source} with "
+                        f"VAL_FRACTION={cfg.VAL_FRACTION}, SEED={cfg.SEED}; retrain it with: {rerun}")
     made = ckpt.get("config", {}).get("PRECISION", "fp32")
     if made != cfg.PRECISION:
-        raise utils.UserError(f"{path} was trained with PRECISION={made!r}, this run has PRECISION={cfg.PRECISION!r}; "
-                              f"use one precision for every step, or retrain it with: {rerun} "
-                              f"--PRECISION={cfg.PRECISION}")
+        raise UserError(f"{path} was trained with PRECISION={made!r}, this run has PRECISION={cfg.PRECISION!r}; "
+                        f"use one precision for every step, or retrain it with: {rerun} "
+                        f"--PRECISION={cfg.PRECISION}")
     try:
         model = train_task.network_from(ckpt)
     except (RuntimeError, KeyError) as e:
-        raise utils.UserError(f"{path} does not hold the base CNN of models/base_cnn.py ({e}); "
-                              f"retrain it with: {rerun}")
+        raise UserError(f"{path} does not hold the base CNN of models/base_cnn.py ({e}); "
+                        f"retrain it with: {rerun}")
     return model.to(device).eval(), ckpt
 
 
 @dataclass
-class Features:
+class FeatureSet:
     """One network's features of a dataset's (training, validation) images in their FEATURES form, and the map
     from that form back to the network's feature units."""
     train: torch.Tensor
@@ -172,11 +177,11 @@ class Features:
         return out * scale + shift
 
 
-def features(encoder, images, batch, precision, mode, device):
+def feature_unit(encoder, images, batch, precision, mode, device):
     """A unit: an encoder's features of a dataset's (training, validation) images, in their order, under
     FEATURES=mode. Every pair on that dataset reads them as they are, so none makes a copy of its own."""
     encoder = encoder.to(device)
-    return encode(*(utils.predict(encoder, x, batch, precision) for x in images), mode)
+    return encode(*(training.predict(encoder, x, batch, precision) for x in images), mode)
 
 
 @torch.inference_mode()  # in place: the encoder's outputs are inference tensors, and a copy would need 0.25 GB
@@ -189,12 +194,12 @@ def encode(train, val, mode):
         std = torch.where(std > 0, std, torch.ones_like(std))  # a dead unit stays at 0
         for f in (train, val):
             f.sub_(mean).div_(std)
-        return Features(train, val, std, mean)
+        return FeatureSet(train, val, std, mean)
     if mode == "uint8":
         for f in (train, val):
             f.floor_().remainder_(256).div_(255)
-        return Features(train, val, 255.0)
-    return Features(train, val)
+        return FeatureSet(train, val, 255.0)
+    return FeatureSet(train, val)
 
 
 @dataclass
@@ -211,7 +216,7 @@ class Pair:
 
 
 def make_pair(source, target, head, labels, labels_val, device):
-    """The pair's tensors on device, from the source's and the target's Features of B's images."""
+    """The pair's tensors on device, from the source's and the target's FeatureSets of B's images."""
     move = lambda t: t.to(device)  # no copy where they already are
     return Pair(move(source.train), move(target.train), move(source.val), move(target.val), move(labels),
                 move(labels_val), target.readout, head)
@@ -229,9 +234,9 @@ def ordered_parameters(net):
 
 def train_transfer(pair, cfg, device):
     """A transfer net trained from fresh weights (seeded by TRANSFER_SEED) to map x onto y with MSE."""
-    utils.set_seed(cfg.TRANSFER_SEED)
+    configuration.set_seed(cfg.TRANSFER_SEED)
     net = TransferNet().to(device)
-    optimizer = utils.adam(ordered_parameters(net), cfg.LR, device)
+    optimizer = training.adam(ordered_parameters(net), cfg.LR, device)
     generator = torch.Generator().manual_seed(cfg.TRANSFER_SEED)
     losses = fit_transfer(net, optimizer, pair, cfg.TRANSFER_EPOCHS, generator, cfg, device)
     return net, optimizer, generator, losses
@@ -240,39 +245,39 @@ def train_transfer(pair, cfg, device):
 def fit_transfer(net, optimizer, pair, epochs, generator, cfg, device):
     """`epochs` MSE epochs from x to y, the lr under LR_SCHEDULE from the optimizer's (cosine: to 0 at the
     end); the mean loss of every epoch."""
-    step = utils.train_step if cfg.LR_SCHEDULE == "constant" else \
-        utils.cosine_step(optimizer, epochs * math.ceil(len(pair.x) / cfg.BATCH_SIZE))
-    return [utils.train_epoch(net, optimizer, pair.x, pair.y, cfg.BATCH_SIZE, generator, device,
-                              loss_fn=F.mse_loss, step=step, precision=cfg.PRECISION) for _ in range(epochs)]
+    step = training.train_step if cfg.LR_SCHEDULE == "constant" else \
+        training.cosine_step(optimizer, epochs * math.ceil(len(pair.x) / cfg.BATCH_SIZE))
+    return [training.train_epoch(net, optimizer, pair.x, pair.y, cfg.BATCH_SIZE, generator, device,
+                                 loss_fn=F.mse_loss, step=step, precision=cfg.PRECISION) for _ in range(epochs)]
 
 
 @torch.inference_mode()
 def transfer(net, x, precision, batch=8192):
     """The transfer net's fp32 outputs on x, in evaluation mode."""
     net.eval()
-    with utils.autocast(precision, x.device):
+    with training.autocast(precision, x.device):
         return torch.cat([net(x[i:i + batch]).float() for i in range(0, len(x), batch)])
 
 
 def probe_performance(net, pair, cfg, device):
     """Balanced accuracy (%) of a linear classifier trained afresh on the transferred training features."""
-    features, features_val = (pair.readout(transfer(net, x, cfg.PRECISION)) for x in (pair.x, pair.x_val))
+    train_feats, val_feats = (pair.readout(transfer(net, x, cfg.PRECISION)) for x in (pair.x, pair.x_val))
     torch.manual_seed(cfg.TRANSFER_SEED)
-    probe = torch.nn.Linear(features.shape[1], int(pair.labels.max()) + 1).to(device)
-    optimizer = utils.adam(probe.parameters(), 1e-3, device)
+    probe = torch.nn.Linear(train_feats.shape[1], int(pair.labels.max()) + 1).to(device)
+    optimizer = training.adam(probe.parameters(), 1e-3, device)
     generator = torch.Generator().manual_seed(cfg.TRANSFER_SEED)
     for _ in range(cfg.PROBE_EPOCHS):
-        utils.train_epoch(probe, optimizer, features, pair.labels, cfg.BATCH_SIZE, generator, device,
-                          precision=cfg.PRECISION)
-    logits = utils.predict(probe, features_val, precision=cfg.PRECISION)
-    return 100 - utils.classification_metrics(logits, pair.labels_val)["balanced_error"]
+        training.train_epoch(probe, optimizer, train_feats, pair.labels, cfg.BATCH_SIZE, generator, device,
+                             precision=cfg.PRECISION)
+    logits = training.predict(probe, val_feats, precision=cfg.PRECISION)
+    return 100 - training.classification_metrics(logits, pair.labels_val)["balanced_error"]
 
 
 def evaluate(net, pair, cfg, device):
     """The transfer's performance on B's validation images, with B's own head, and its MSE."""
     out = transfer(net, pair.x_val, cfg.PRECISION)
     with torch.inference_mode():
-        scores = utils.classification_metrics(pair.head(pair.readout(out)), pair.labels_val)
+        scores = training.classification_metrics(pair.head(pair.readout(out)), pair.labels_val)
         mse = float(F.mse_loss(out, pair.y_val))
     point = dict(accuracy=100 - scores["error"], balanced_accuracy=100 - scores["balanced_error"],
                  auroc=scores["auroc"], mse=mse)
@@ -321,7 +326,7 @@ def clone(net, optimizer, cfg, device):
             prune.custom_from_mask(mine, "weight", theirs.weight_mask)
     twin_optimizer = None
     if optimizer is not None:
-        twin_optimizer = utils.adam(ordered_parameters(twin), cfg.LR, device)
+        twin_optimizer = training.adam(ordered_parameters(twin), cfg.LR, device)
         twin_optimizer.load_state_dict(optimizer.state_dict())
         for group in twin_optimizer.param_groups:
             group["lr"] = cfg.LR
@@ -353,15 +358,15 @@ def crossing(curve, key, line):
 class Sweep:
     """The pruning levels of one trained transfer net: each level is pruned, fine-tuned and scored once."""
 
-    def __init__(self, net, optimizer, generator, pair, cfg, device, bar=None, level=None):
+    def __init__(self, net, optimizer, generator, pair, cfg, device, bar=None, feasibility=None):
         self.dense = (net, optimizer if cfg.FINETUNE_EPOCHS else None)
         self.pair, self.cfg, self.device, self.generator, self.bar = pair, cfg, device, generator, bar
         self.nets = {0.0: self.dense}       # iterative: the fine-tuned net of every passing level
         self.curve = [dict(sparsity=0.0, kept=kept_percent(net), **evaluate(net, pair, cfg, device))]
         # the performance a level must keep: STOP's line
-        self.line = level if cfg.STOP == "level" else self.curve[0][cfg.PERFORMANCE] - cfg.TOLERANCE
+        self.line = feasibility if cfg.STOP == "level" else self.curve[0][cfg.PERFORMANCE] - cfg.TOLERANCE
 
-    def level(self, sparsity, start):
+    def prune_level(self, sparsity, start):
         """Prune to `sparsity` from the dense net (oneshot) or from level `start` (iterative), fine-tune, score."""
         base = self.dense if self.cfg.SCHEDULE == "oneshot" else self.nets[start]
         net, optimizer = clone(*base, self.cfg, self.device)
@@ -406,7 +411,7 @@ class Sweep:
 
     def try_level(self, sparsity, record=True):
         """Measure a level; when `record`, move the last passing or the first failing level to it."""
-        net, optimizer, point = self.level(sparsity, self.passing)
+        net, optimizer, point = self.prune_level(sparsity, self.passing)
         passed = self.passes(point)
         if record and passed and sparsity > self.passing:
             self.passing, self.state = sparsity, effective_state(net)
@@ -416,17 +421,17 @@ class Sweep:
         return passed
 
 
-def measure_pair(source_feats, target_feats, head, labels, labels_val, cfg, device, bar=None, level=None):
+def measure_pair(source_feats, target_feats, head, labels, labels_val, cfg, device, bar=None, feasibility=None):
     """Train a transfer net from the source's to the target's features, prune it, return the result.
 
-    source_feats / target_feats: the two networks' Features of the same target images; labels /
-    labels_val: the target's labels of them; head: the target network's head; level: the feasibility level
+    source_feats / target_feats: the two networks' FeatureSets of the same target images; labels /
+    labels_val: the target's labels of them; head: the target network's head; feasibility: the feasibility level
     (STOP = "level" stops there). Returns the result
     and the state of the sparsest transfer net that kept performance.
     """
     pair = make_pair(source_feats, target_feats, head, labels, labels_val, device)
     net, optimizer, generator, losses = train_transfer(pair, cfg, device)
-    sweep = Sweep(net, optimizer, generator, pair, cfg, device, bar, level)
+    sweep = Sweep(net, optimizer, generator, pair, cfg, device, bar, feasibility)
     state = sweep.run()
     passing, failing = crossing(sweep.curve, cfg.PERFORMANCE, sweep.line)
     return dict(measured_distance=passing["kept"], crossing_sparsity=passing["sparsity"],
@@ -435,173 +440,14 @@ def measure_pair(source_feats, target_feats, head, labels, labels_val, cfg, devi
                 curve=sweep.curve), state
 
 
-# ----------------------------------------------------------------------------- the Fisher task distance
-def split_head(network):
-    """(body, head) of a classifier: the BaseCNN's encoder and head, or a torchvision ResNet without and with fc."""
-    if hasattr(network, "encoder"):
-        return network.encoder, network.head
-    body = copy.deepcopy(network)
-    head, body.fc = body.fc, torch.nn.Identity()
-    return body, head
-
-
-def refit_head(body, x, y, num_classes, precision="fp32"):
-    """A linear head for the task (x, y) on the frozen features of body: logistic regression by L-BFGS from
-    zero weights (deterministic), with a small L2 penalty that keeps separable tasks finite."""
-    features = utils.predict(body, x, 500, precision).clone()  # out of inference mode, for autograd
-    head = torch.nn.Linear(features.shape[1], num_classes)
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
-    optimizer = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=200, line_search_fn="strong_wolfe")
-    def closure():
-        optimizer.zero_grad()
-        loss = F.cross_entropy(head(features), y) + 1e-4 * head.weight.pow(2).sum()
-        loss.backward()
-        return loss
-    optimizer.step(closure)
-    return head.requires_grad_(False)
-
-
-def squared_grad_sums(module, a, g):
-    """Sum over a chunk of the squared per-sample gradients of a Linear's, Conv2d's or BatchNorm2d's weight
-    and bias, in closed form from the layer's inputs a and output gradients g (a sample's weight gradient is
-    g_i a_i^T, over the unfolded patches for a convolution; the normalised input times g_i for a BatchNorm)."""
-    g = g.float()
-    if isinstance(module, torch.nn.Linear):  # never a per-sample copy of the weight
-        return dict(weight=g.pow(2).T @ a.float().pow(2), bias=g.pow(2).sum(0))
-    if isinstance(module, torch.nn.BatchNorm2d):  # in eval mode: y = weight * x_hat + bias, per channel
-        shape = (1, -1, 1, 1)
-        x_hat = (a.float() - module.running_mean.view(shape)) / (module.running_var.view(shape) + module.eps).sqrt()
-        return dict(weight=(g * x_hat).sum((2, 3)).pow(2).sum(0), bias=g.sum((2, 3)).pow(2).sum(0))
-    cols = F.unfold(a.float(), module.kernel_size, module.dilation, module.padding, module.stride)
-    weight = torch.bmm(g.flatten(2), cols.transpose(1, 2)).square_().sum(0)
-    return dict(weight=weight.view_as(module.weight), bias=g.sum((2, 3)).pow(2).sum(0))
-
-
-def closed_form(module):
-    return isinstance(module, torch.nn.Linear) or (isinstance(module, torch.nn.Conv2d) and module.groups == 1
-                                                    and module.padding_mode == "zeros") \
-        or (isinstance(module, torch.nn.BatchNorm2d) and module.affine and module.running_mean is not None)
-
-
-def fisher_diagonal(model, x, y, names=None, chunk=128, precision="fp32"):
-    """The diagonal of the empirical Fisher of model's parameters (those in `names`; all by default) on the
-    labelled images (x, y): the mean of the squared per-sample gradients of the cross-entropy, `chunk` images
-    at a time. Linear, Conv2d and (eval-mode) BatchNorm2d layers sum them in closed form from one batched
-    backward pass (each sample's output gradient under the summed loss is its own); any other parameter (a
-    grouped convolution's) gets per-sample gradients from torch.func (vmap over grad)."""
-    model.eval()
-    device = next(model.parameters()).device
-    params = {k: v.detach() for k, v in model.named_parameters() if names is None or k in names}
-    layers = {n: m for n, m in model.named_modules() if closed_form(m)
-              and any(f"{n}.{p}" in params for p in ("weight", "bias"))}
-    general = {k: v for k, v in params.items() if k.rsplit(".", 1)[0] not in layers}
-    frozen = {k: v.detach() for k, v in model.named_parameters() if k not in general}
-    buffers = dict(model.named_buffers())
-    def loss(p, xi, yi):
-        with utils.autocast(precision, device):
-            out = torch.func.functional_call(model, (p, frozen, buffers), (xi.unsqueeze(0),))
-        return F.cross_entropy(out.float(), yi.unsqueeze(0))
-    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))
-    seen = {}  # each layer's (input, output) on the chunk
-
-    def keep(name, inputs, out):
-        seen[name] = inputs[0].detach(), out
-        return out.clone()  # what flows on: an in-place op after the layer (ReLU, a residual sum) must not alter `out`
-    hooks = [m.register_forward_hook(lambda _, inputs, out, n=n: keep(n, inputs, out)) for n, m in layers.items()]
-    total = {k: torch.zeros_like(v) for k, v in params.items()}
-    try:
-        for i in range(0, len(x), chunk):
-            xb, yb = x[i:i + chunk].to(device), y[i:i + chunk].to(device)
-            if general:
-                for k, g in per_sample(general, xb, yb).items():
-                    total[k] += g.pow(2).sum(0)
-            if layers:
-                with utils.autocast(precision, device):
-                    out = model(xb.requires_grad_(True))  # every layer's output then needs a gradient
-                grads = torch.autograd.grad(F.cross_entropy(out.float(), yb, reduction="sum"),
-                                            [seen[n][1] for n in layers])
-                for (n, module), g in zip(layers.items(), grads):
-                    for p, value in squared_grad_sums(module, seen[n][0], g).items():
-                        if f"{n}.{p}" in total:
-                            total[f"{n}.{p}"] += value
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return torch.cat([v.flatten() for v in total.values()]) / len(x)
-
-
-def fisher_distance(a, b):
-    """The Fisher task distance of two Fisher diagonals: (1/sqrt 2) ||sqrt A - sqrt B|| after normalising
-    each to unit trace; 0 for equal matrices, at most 1."""
-    a, b = a.double() / a.sum(), b.double() / b.sum()
-    return float(torch.sqrt(0.5 * (a.sqrt() - b.sqrt()).pow(2).sum()))
-
-
-def task_fisher(network, data, cfg):
-    """F of a network for task `data`: its body with a head refitted to the task, on FISHER_SAMPLES training
-    images; over FISHER_PARAMS."""
-    body, _ = split_head(network)
-    x, y = data.train.x[:cfg.FISHER_SAMPLES], data.train.y[:cfg.FISHER_SAMPLES]
-    head = refit_head(body, data.train.x[:10 * cfg.FISHER_SAMPLES], data.train.y[:10 * cfg.FISHER_SAMPLES],
-                      data.task.num_classes, cfg.PRECISION)
-    model = torch.nn.Sequential(body, head.to(next(body.parameters()).device))
-    names = None
-    if cfg.FISHER_PARAMS == "last":
-        weighted = [n.rsplit(".", 1)[0] for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1]
-        names = {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[0] in weighted[-2:]}
-    return fisher_diagonal(model, x, y, names, precision=cfg.PRECISION)
-
-
-def own_fisher(target, network, tasks, cfg, device):
-    """A unit: F of the target's own network for its task."""
-    return task_fisher(network.to(device), tasks[target], cfg)
-
-
-def fisher_unit(source, target, config, network, tasks, own, cfg, device):
-    """A unit: d_F(source -> target) from the source network's F on the target's task and the target's own F."""
+def pair_unit(source, target, config, source_feats, target_feats, head, labels, labels_val, cfg, device, feasibility):
+    """A unit: measure one pair; its result and the state of its sparsest transfer net that kept performance."""
     tick = time.perf_counter()
-    distance = 0.0 if source == target else fisher_distance(task_fisher(network.to(device), tasks[target], cfg), own)
-    return dict(source=source, target=target, config=config, distance=distance, seconds=time.perf_counter() - tick,
-                device=str(device))
-
-
-def fisher_pairs(network, data, cfg, out, device, log):
-    """d_F(source -> target) for every source and target, each saved to fisher/<source>__<target>.json."""
-    def done(name, result):
-        utils.write_json(out / "fisher" / f"{pair_name(result['source'], result['target'])}.json", result)
-        log.info("d_F(%s → %s) = %.4f, %.1f s", result["source"], result["target"], result["distance"],
-                 result["seconds"])
-        return result
-
-    def measure(missing):
-        with executor.start(cfg, device, log) as ex:
-            tasks, net = ex.share(lambda: data), functools.cache(lambda name: ex.share(network, name))
-            own = {t: ex.submit(f"F of {t}", own_fisher, t, net(t), tasks, cfg, ex.device)  # once per target
-                   for t in dict.fromkeys(t for s, t, _ in missing if s != t)}
-            jobs = [ex.submit(f"d_F({s} → {t})", fisher_unit, s, t, c, net(s), tasks, own.get(t), cfg, ex.device)
-                    for s, t, c in missing]
-            del own, net  # a target's F is held by its pending units only
-            return ex.run(jobs, "Fisher pairs", done)
-
-    config = {k: getattr(cfg, k) for k in sorted(FISHER_KEYS)}
-    pairs = [(s, t) for t in cfg.TARGETS for s in cfg.SOURCES]
-    return each_pair(out / "fisher", config, pairs, cfg, log, measure)
-
-
-def agreement(transfer, fisher, k):
-    """Per target: Spearman correlation of the two distances over the sources, and the overlap of the k closest."""
-    rows = []
-    for target in fisher.columns:
-        if target not in transfer.columns:
-            continue
-        sources = [s for s in fisher.index if s != target]
-        t = transfer.loc[sources, target].fillna(np.inf)  # an infeasible source ranks last
-        f = fisher.loc[sources, target]
-        rho = float(t.rank().corr(f.rank()))  # Spearman; NaN when either ranks every source alike
-        overlap = len(set(t.nsmallest(k).index) & set(f.nsmallest(k).index))
-        rows.append(dict(target=target, spearman=rho, **{f"closest_{k}_overlap": overlap}))
-    return pd.DataFrame(rows)
+    with tqdm(desc=f"{source} → {target}", unit="level", leave=False) as bar:
+        result, state = measure_pair(source_feats, target_feats, head.to(device), labels, labels_val, cfg, device,
+                                     bar, feasibility)
+    return dict(source=source, target=target, config=config, **result, seconds=time.perf_counter() - tick,
+                device=str(device)), state
 
 
 # ----------------------------------------------------------------------------- the matrix
@@ -618,12 +464,12 @@ def feasibility_level(metrics, cfg):
     return 100 - k * max(metrics[s][key] for s in cfg.SOURCES)
 
 
-def decide(result, level, performance):
+def decide(result, feasibility, performance):
     """The matrix entry of a measured pair: 0 on the diagonal (the paper's convention), None when the
     unpruned transfer misses the feasibility level, else the measured distance."""
-    feasible = level is None or result["unpruned"][performance] >= level
+    feasible = feasibility is None or result["unpruned"][performance] >= feasibility
     distance = 0.0 if result["source"] == result["target"] else result["measured_distance"] if feasible else None
-    return dict(result, feasible=feasible, feasibility_level=level, distance=distance)
+    return dict(result, feasible=feasible, feasibility_level=feasibility, distance=distance)
 
 
 def closeness(distance, unpruned):
@@ -643,72 +489,14 @@ def pair_name(source, target):
     return f"{source}__{target}"
 
 
-def kept_colours(matrix):
-    """A log colour scale over the off-diagonal distances (the diagonal's 0 and infeasible entries left out),
-    so that a narrow matrix (all entries within a few % kept) still shows its order; 0.1-100 % if none."""
-    off = [v for (s, t), v in matrix.stack().items() if s != t and v > 0]
-    low, high = (min(off), max(off)) if off else (0.1, 100.0)
-    return LogNorm(vmin=low, vmax=high if high > low else low * 10, clip=True)
-
-
-def plot_heatmap(matrix, path, title, norm=None, label="d(A → B): % of transfer-net parameters kept (log)",
-                 digits=2):
-    norm = norm or kept_colours(matrix)
-    values = matrix.to_numpy(dtype=float)
-    fig = Figure(figsize=(max(6.0, 2.5 + 0.75 * matrix.shape[1]), max(3.0, 1.0 + 0.6 * matrix.shape[0])))
-    ax = fig.subplots()
-    ax.patch.set_facecolor("0.85")
-    ax.patch.set_hatch("//")  # infeasible pairs: no distance, the hatched background shows through
-    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", norm=norm)
-    ax.set_xticks(range(matrix.shape[1]), matrix.columns, rotation=45, ha="right")
-    ax.set_yticks(range(matrix.shape[0]), matrix.index)
-    for (i, j), value in np.ndenumerate(values):
-        text = "inf." if np.isnan(value) else f"{value:.{digits}f}"
-        ax.text(j, i, text, ha="center", va="center", fontsize=8,
-                color="black" if np.isnan(value) or norm(value) >= 0.6 else "white")
-    ax.set_xlabel("target task B")
-    ax.set_ylabel("source task A")
-    ax.set_title(title)
-    bar = fig.colorbar(image, ax=ax, label=label)
-    if isinstance(norm, LogNorm):  # five plain labels across the range, not log-scale minor ticks
-        bar.minorticks_off()
-        ticks = np.geomspace(norm.vmin, norm.vmax, 5)
-        bar.set_ticks(ticks, labels=[f"{t:.3g}" for t in ticks])
-    fig.tight_layout()
-    utils.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight"))
-
-
-def plot_curves(results, targets, path, performance):
-    cols = min(4, len(targets))
-    rows = -(-len(targets) // cols)
-    fig = Figure(figsize=(4 * cols, 3 * rows))
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for ax, target in zip(axes.flat, targets):
-        for r in (r for r in results if r["target"] == target):
-            curve = pd.DataFrame(r["curve"])
-            line, = ax.plot(curve["kept"], curve[performance], marker=".", ms=3,
-                            ls="-" if r["feasible"] else ":", label=r["source"] + ("" if r["feasible"] else " (inf.)"))
-            ax.plot([r["measured_distance"]], [r["unpruned"][performance]], marker="v", color=line.get_color())
-        ax.set_title(f"target {target}")
-        ax.set_xscale("log")
-        ax.invert_xaxis()
-        ax.set_xlabel("% of parameters kept (log)")
-        ax.set_ylabel(f"{performance.replace('_', ' ')} on validation{'' if performance == 'auroc' else ' (%)'}")
-        ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(targets):]:
-        ax.axis("off")
-    fig.tight_layout()
-    utils.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-
-
 def network_id(name, cfg, cache={}):
     """(weights hash, data fingerprint) of step 1's network of a task, or None without a readable one.
     A pair is reused only while both of its networks are the ones it was measured with."""
     path = Path(train_task.checkpoint_path(cfg.CKPT_DIR, name))
     key = (str(path), path.stat().st_mtime_ns if path.exists() else None)
     if key not in cache:
-        ckpt = utils.read_saved(path)
-        cache[key] = None if not ckpt else (utils.fingerprint(*ckpt["state_dict"].values()), ckpt["data_fingerprint"])
+        ckpt = store.read_saved(path)
+        cache[key] = None if not ckpt else (store.fingerprint(*ckpt["state_dict"].values()), ckpt["data_fingerprint"])
     return cache[key]
 
 
@@ -725,7 +513,7 @@ def each_pair(folder, config, pairs, cfg, log, measure):
     saved, missing = {}, []
     for source, target in pairs:
         here = pair_config(config, source, target, cfg)
-        saved[source, target] = utils.load_current(folder / f"{pair_name(source, target)}.json", here, log)
+        saved[source, target] = store.load_current(folder / f"{pair_name(source, target)}.json", here, log)
         if saved[source, target] is None:
             missing.append((source, target, here))
     measured = dict(zip([(s, t) for s, t, _ in missing], measure(missing) if missing else []))
@@ -736,7 +524,7 @@ def each_pair(folder, config, pairs, cfg, log, measure):
         if source not in cfg.SOURCES or (source, target) in done or target not in utils.TASK_REGISTRY or \
                 network_id(source, cfg) is None or network_id(target, cfg) is None:
             continue
-        saved = utils.load_current(path, pair_config(config, source, target, cfg), log)
+        saved = store.load_current(path, pair_config(config, source, target, cfg), log)
         if saved:
             results.append(saved)
     return results
@@ -755,31 +543,7 @@ def measured_matrix(frame, cfg, values):
 def write_closest(path, frame, closest, cfg, **about):
     """A closest list (per target, its sources nearest first) with what step 3 checks it against."""
     data = {t: frame[frame.target == t].iloc[0]["config"]["target_data"] for t in closest}
-    utils.write_json(path, dict(config=utils.result_config(cfg, ("K",)), k=cfg.K, **about, data=data, closest=closest))
-
-
-def write_outputs(results, cfg, out, log):
-    frame = pd.DataFrame(results)
-    matrix, measured = (measured_matrix(frame, cfg, values) for values in ("distance", "measured_distance"))
-    complete = list(matrix.columns)
-    for name, table in (("matrix.csv", matrix), ("matrix_measured.csv", measured)):
-        utils.atomic_write(out / name, lambda tmp: table.to_csv(tmp, float_format="%.4f"))
-    plot_heatmap(matrix, out / "heatmap.png", "Task distance d(source → target); hatched: infeasible")
-    plot_curves(results, complete, out / "pruning_curves.png", cfg.PERFORMANCE)
-    closest = {t: [dict(task=r["source"], distance=r["distance"], feasible=r["feasible"],
-                        unpruned_performance=r["unpruned"][cfg.PERFORMANCE]) for r in rank_sources(results, t)]
-               for t in complete}
-    write_closest(out / "closest.json", frame, closest, cfg, performance=cfg.PERFORMANCE,
-                  feasibility_level=results[0]["feasibility_level"] if results else None)
-    log.info("distance matrix, rows = source A, columns = target B (%s; empty = infeasible):\n%s",
-             out / "matrix.csv", matrix.to_string(float_format="{:.2f}".format))
-    for t in complete:
-        log.info("closest to %s: %s", t, ", ".join(map(utils.closest_label, closest[t][:cfg.K])))
-        if ties := tied_at_k(closest[t], cfg.K):
-            inside = [r["task"] for r in closest[t][:cfg.K] if r["task"] in ties]
-            log.warning("%s: %s tie at %.2f (equal at the resolution of REFINE); the better unpruned transfer ranks "
-                        "first, so the %d closest take %s", t, ", ".join(ties), closest[t][cfg.K - 1]["distance"],
-                        cfg.K, ", ".join(inside))
+    store.write_json(path, dict(config=configuration.result_config(cfg, ("K",)), k=cfg.K, **about, data=data, closest=closest))
 
 
 def tied_at_k(ranked, k):
@@ -792,48 +556,49 @@ def tied_at_k(ranked, k):
     return same if any(r["task"] in same for r in ranked[k:]) else []
 
 
-def main(argv=None):
-    cfg, device, log = utils.start_script("prune_transform", globals(), argv, check_config)
-    pairs = len(cfg.SOURCES) * len(cfg.TARGETS)
-    utils.warn_paper_on_cpu(cfg, device, log, f"about {pairs * CPU_MINUTES_PER_PAIR / 60:.0f} h ({pairs} pairs, "
-                                              f"{CPU_MINUTES_PER_PAIR} min each on full data)")
-    out = Path(cfg.CKPT_DIR) / "distances"
-    start = time.perf_counter()
-    # check every network before any work, so a missing one fails at once and writes nothing
-    data = {name: utils.load_task(name, cfg, log) for name in dict.fromkeys(cfg.SOURCES + cfg.TARGETS)}
-    metrics = {name: load_network(name, data[name], cfg, device)[1]["metrics"] for name in data}
-    network = lambda name: load_network(name, data[name], cfg, torch.device("cpu"))[0]  # when needed: 103 MB each
-    results = []
-    if cfg.DISTANCE != "fisher":
-        with utils.stage(log, "transfer distances"):
-            results = transfer_pairs(network, metrics, data, cfg, out, device, log)
-        write_outputs(results, cfg, out, log)
-    if cfg.DISTANCE != "transfer":
-        with utils.stage(log, "Fisher distances"):
-            fisher = fisher_pairs(network, data, cfg, out, device, log)
-        write_fisher_outputs(fisher, results, cfg, out, log)
-    log.info("total wall-clock %.1f s", time.perf_counter() - start)
-    return results
+def write_outputs(results, cfg, out, log):
+    frame = pd.DataFrame(results)
+    matrix, measured = (measured_matrix(frame, cfg, values) for values in ("distance", "measured_distance"))
+    complete = list(matrix.columns)
+    for name, table in (("matrix.csv", matrix), ("matrix_measured.csv", measured)):
+        store.atomic_write(out / name, lambda tmp: table.to_csv(tmp, float_format="%.4f"))
+    reporting.plot_heatmap(matrix, out / "heatmap.png", "Task distance d(source → target); hatched: infeasible")
+    reporting.plot_curves(results, complete, out / "pruning_curves.png", cfg.PERFORMANCE)
+    closest = {t: [dict(task=r["source"], distance=r["distance"], feasible=r["feasible"],
+                        unpruned_performance=r["unpruned"][cfg.PERFORMANCE]) for r in rank_sources(results, t)]
+               for t in complete}
+    write_closest(out / "closest.json", frame, closest, cfg, performance=cfg.PERFORMANCE,
+                  feasibility_level=results[0]["feasibility_level"] if results else None)
+    log.info("distance matrix, rows = source A, columns = target B (%s; empty = infeasible):\n%s",
+             out / "matrix.csv", matrix.to_string(float_format="{:.2f}".format))
+    for t in complete:
+        log.info("closest to %s: %s", t, ", ".join(map(reporting.closest_label, closest[t][:cfg.K])))
+        if ties := tied_at_k(closest[t], cfg.K):
+            inside = [r["task"] for r in closest[t][:cfg.K] if r["task"] in ties]
+            log.warning("%s: %s tie at %.2f (equal at the resolution of REFINE); the better unpruned transfer ranks "
+                        "first, so the %d closest take %s", t, ", ".join(ties), closest[t][cfg.K - 1]["distance"],
+                        cfg.K, ", ".join(inside))
 
 
+# ----------------------------------------------------------------------------- the units of a run
 def transfer_pairs(network, metrics, data, cfg, out, device, log):
     """Every (source, target) pair's transfer distance: measured now, or read back when it was measured with
     these settings and networks; with the pairs earlier runs measured for other targets."""
-    level = feasibility_level(metrics, cfg)
-    if level is not None:
+    feasibility = feasibility_level(metrics, cfg)
+    if feasibility is not None:
         log.info("feasibility: an unpruned transfer must reach %s %.4g (%s, eps of the dictionary's base networks)",
-                 cfg.PERFORMANCE.replace("_", " "), level, cfg.FEASIBILITY)
+                 cfg.PERFORMANCE.replace("_", " "), feasibility, cfg.FEASIBILITY)
     config = {k: getattr(cfg, k) for k in sorted(PAIR_KEYS)}
     if cfg.STOP == "level":
-        config["stop_level"] = round(level, 6)  # the dictionary's networks set it
+        config["stop_level"] = round(feasibility, 6)  # the dictionary's networks set it
     datasets = sorted({data[t].task.dataset for t in cfg.TARGETS})  # one dataset's features at a time, in which
     pairs = [(s, t) for d in datasets for s in cfg.SOURCES for t in cfg.TARGETS if data[t].task.dataset == d]
     # one source at a time: its features are extracted once and dropped after its last target
 
     def done(name, measured):
         result, state = measured
-        utils.save_checkpoint(state, out / "transfer" / f"{pair_name(result['source'], result['target'])}.pt")
-        utils.write_json(out / "pairs" / f"{pair_name(result['source'], result['target'])}.json", result)
+        store.save_checkpoint(state, out / "transfer" / f"{pair_name(result['source'], result['target'])}.pt")
+        store.write_json(out / "pairs" / f"{pair_name(result['source'], result['target'])}.json", result)
         log.info("%s: measured %.2f %% kept (unpruned transfer: %s %.2f, MSE %.4f), %.1f s", name,
                  result["measured_distance"], cfg.PERFORMANCE, result["unpruned"][cfg.PERFORMANCE],
                  result["unpruned"]["mse"], result["seconds"])
@@ -841,11 +606,11 @@ def transfer_pairs(network, metrics, data, cfg, out, device, log):
 
     def measure(missing):
         with executor.start(cfg, device, log) as ex:
-            return ex.run(pair_units(ex, missing, network, data, cfg, level), "pairs", done)
-    return [decide(r, level, cfg.PERFORMANCE) for r in each_pair(out / "pairs", config, pairs, cfg, log, measure)]
+            return ex.run(pair_units(ex, missing, network, data, cfg, feasibility), "pairs", done)
+    return [decide(r, feasibility, cfg.PERFORMANCE) for r in each_pair(out / "pairs", config, pairs, cfg, log, measure)]
 
 
-def pair_units(ex, missing, network, data, cfg, level):
+def pair_units(ex, missing, network, data, cfg, feasibility):
     """The units that measure the missing pairs, in order. Each network's features on a dataset's images are a
     unit of their own, extracted once and freed when the last pair that reads them is done; the images and
     each encoder are shared, and each target's head is read once."""
@@ -856,21 +621,44 @@ def pair_units(ex, missing, network, data, cfg, level):
 
     @functools.cache
     def feats(name, dataset):
-        return ex.submit(f"features of {name} on {dataset}", features, encoder(name), images(dataset),
+        return ex.submit(f"features of {name} on {dataset}", feature_unit, encoder(name), images(dataset),
                          cfg.EVAL_BATCH, cfg.PRECISION, cfg.FEATURES, ex.device)
 
     return [ex.submit(f"{s} → {t}", pair_unit, s, t, c, feats(s, data[t].task.dataset), feats(t, data[t].task.dataset),
-                      head(t), data[t].train.y, data[t].val.y, cfg, ex.device, level) for s, t, c in missing]
+                      head(t), data[t].train.y, data[t].val.y, cfg, ex.device, feasibility) for s, t, c in missing]
 
 
-def write_fisher_outputs(fisher, transfer, cfg, out, log):
+def fisher_pairs(network, data, cfg, out, device, log):
+    """d_F(source -> target) for every source and target, each saved to fisher/<source>__<target>.json."""
+    def done(name, result):
+        store.write_json(out / "fisher" / f"{pair_name(result['source'], result['target'])}.json", result)
+        log.info("d_F(%s → %s) = %.4f, %.1f s", result["source"], result["target"], result["distance"],
+                 result["seconds"])
+        return result
+
+    def measure(missing):
+        with executor.start(cfg, device, log) as ex:
+            tasks, net = ex.share(lambda: data), functools.cache(lambda name: ex.share(network, name))
+            own = {t: ex.submit(f"F of {t}", fisher.own_fisher, t, net(t), tasks, cfg, ex.device)  # once per target
+                   for t in dict.fromkeys(t for s, t, _ in missing if s != t)}
+            jobs = [ex.submit(f"d_F({s} → {t})", fisher.fisher_unit, s, t, c, net(s), tasks, own.get(t), cfg, ex.device)
+                    for s, t, c in missing]
+            del own, net  # a target's F is held by its pending units only
+            return ex.run(jobs, "Fisher pairs", done)
+
+    config = {k: getattr(cfg, k) for k in sorted(FISHER_KEYS)}
+    pairs = [(s, t) for t in cfg.TARGETS for s in cfg.SOURCES]
+    return each_pair(out / "fisher", config, pairs, cfg, log, measure)
+
+
+def write_fisher_outputs(results, transfer, cfg, out, log):
     """The Fisher matrix (CSV, heatmap), each target's sources by Fisher distance, and with both distances
     their rank agreement."""
-    frame = pd.DataFrame(fisher)
+    frame = pd.DataFrame(results)
     matrix = measured_matrix(frame, cfg, "distance")
-    utils.atomic_write(out / "fisher_matrix.csv", lambda tmp: matrix.to_csv(tmp, float_format="%.4f"))
-    plot_heatmap(matrix, out / "fisher_heatmap.png", "Fisher task distance d_F(source → target)",
-                 norm=Normalize(vmin=0.0, vmax=1.0), label="d_F(A → B)", digits=3)
+    store.atomic_write(out / "fisher_matrix.csv", lambda tmp: matrix.to_csv(tmp, float_format="%.4f"))
+    reporting.plot_heatmap(matrix, out / "fisher_heatmap.png", "Fisher task distance d_F(source → target)",
+                           norm=Normalize(vmin=0.0, vmax=1.0), label="d_F(A → B)", digits=3)
     closest = {t: [dict(task=s, distance=float(matrix.at[s, t]), feasible=True)
                    for s in matrix[t].drop(t, errors="ignore").sort_values(kind="stable").index] for t in matrix.columns}
     write_closest(out / "fisher_closest.json", frame, closest, cfg, distance="fisher")
@@ -878,22 +666,37 @@ def write_fisher_outputs(fisher, transfer, cfg, out, log):
              matrix.to_string(float_format="{:.4f}".format))
     if transfer:
         transfer_matrix = pd.read_csv(out / "matrix.csv", index_col=0)
-        table = agreement(transfer_matrix, matrix, cfg.K)
-        utils.atomic_write(out / "agreement.csv", lambda tmp: table.to_csv(tmp, index=False, float_format="%.4f"))
+        table = fisher.agreement(transfer_matrix, matrix, cfg.K)
+        store.atomic_write(out / "agreement.csv", lambda tmp: table.to_csv(tmp, index=False, float_format="%.4f"))
         log.info("rank agreement of the two distances per target (%s):\n%s", out / "agreement.csv",
                  table.to_string(index=False, float_format="{:.3f}".format))
 
 
-def pair_unit(source, target, config, source_feats, target_feats, head, labels, labels_val, cfg, device, level):
-    """A unit: measure one pair; its result and the state of its sparsest transfer net that kept performance."""
-    tick = time.perf_counter()
-    with tqdm(desc=f"{source} → {target}", unit="level", leave=False) as bar:
-        result, state = measure_pair(source_feats, target_feats, head.to(device), labels, labels_val, cfg, device,
-                                     bar, level)
-    return dict(source=source, target=target, config=config, **result, seconds=time.perf_counter() - tick,
-                device=str(device)), state
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    cfg, device, log = configuration.start_script("prune_transform", globals(), argv, check_config)
+    pairs = len(cfg.SOURCES) * len(cfg.TARGETS)
+    configuration.warn_paper_on_cpu(cfg, device, log, f"about {pairs * CPU_MINUTES_PER_PAIR / 60:.0f} h "
+                                    f"({pairs} pairs, {CPU_MINUTES_PER_PAIR} min each on full data)")
+    out = Path(cfg.CKPT_DIR) / "distances"
+    start = time.perf_counter()
+    # check every network before any work, so a missing one fails at once and writes nothing
+    data = {name: utils.load_task(name, **configuration.data_options(cfg), log=log) for name in dict.fromkeys(cfg.SOURCES + cfg.TARGETS)}
+    metrics = {name: load_network(name, data[name], cfg, device)[1]["metrics"] for name in data}
+    network = lambda name: load_network(name, data[name], cfg, torch.device("cpu"))[0]  # when needed: 103 MB each
+    results = []
+    if cfg.DISTANCE != "fisher":
+        with configuration.stage(log, "transfer distances"):
+            results = transfer_pairs(network, metrics, data, cfg, out, device, log)
+        write_outputs(results, cfg, out, log)
+    if cfg.DISTANCE != "transfer":
+        with configuration.stage(log, "Fisher distances"):
+            fisher_results = fisher_pairs(network, data, cfg, out, device, log)
+        write_fisher_outputs(fisher_results, results, cfg, out, log)
+    log.info("total wall-clock %.1f s", time.perf_counter() - start)
+    return results
 
 
 if __name__ == "__main__":
     import prune_transform  # run the importable module, whose units Ray's workers can import too
-    utils.run(prune_transform.main)
+    configuration.run(prune_transform.main)

@@ -9,7 +9,10 @@ from dataclasses import asdict
 
 import pandas as pd
 
+import configuration
 import executor
+import store
+import training
 import utils
 from models import BaseCNN
 
@@ -46,10 +49,10 @@ CPU_MINUTES_PER_TASK = 2.6  # one epoch on 54,000 images at 350 images/s on a 2-
 def train_network(data, cfg, device):
     """Train a BaseCNN on one task; returns it with its validation and test metrics."""
     seed = cfg.SEED + data.task.seed
-    utils.set_seed(seed)
+    configuration.set_seed(seed)
     model = BaseCNN(data.task.num_classes).to(device)
-    losses = utils.fit(model, data.train, cfg.EPOCHS, cfg.BATCH_SIZE, cfg.LR, seed, device, data.name, cfg.PRECISION)
-    return model, {"train_loss": losses[-1], **utils.evaluate(model, data, cfg.EVAL_BATCH, precision=cfg.PRECISION)}
+    losses = training.fit(model, data.train, cfg.EPOCHS, cfg.BATCH_SIZE, cfg.LR, seed, device, data.name, cfg.PRECISION)
+    return model, {"train_loss": losses[-1], **training.evaluate(model, data, cfg.EVAL_BATCH, precision=cfg.PRECISION)}
 
 
 def checkpoint_path(ckpt_dir, task):
@@ -70,20 +73,20 @@ def train_unit(tasks, name, cfg, device):
     model, metrics = train_network(data, cfg, device)
     return {"task": name, "task_spec": asdict(data.task), "num_classes": data.task.num_classes,
             "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "metrics": metrics,
-            "data_fingerprint": data.fingerprint, "environment": utils.environment(device),
+            "data_fingerprint": data.fingerprint, "environment": configuration.environment(device),
             "seconds": time.perf_counter() - start}
 
 
 def main(argv=None):
-    cfg, device, log = utils.start_script("train_task", globals(), argv, executor.check_config)
-    utils.warn_paper_on_cpu(cfg, device, log, f"about {len(cfg.TASKS) * CPU_MINUTES_PER_TASK:.0f} min "
-                                              f"({len(cfg.TASKS)} tasks, {CPU_MINUTES_PER_TASK} min each on full data)")
-    config = utils.result_config(cfg)
+    cfg, device, log = configuration.start_script("train_task", globals(), argv, executor.check_config)
+    configuration.warn_paper_on_cpu(cfg, device, log, f"about {len(cfg.TASKS) * CPU_MINUTES_PER_TASK:.0f} min "
+                                    f"({len(cfg.TASKS)} tasks, {CPU_MINUTES_PER_TASK} min each on full data)")
+    config = configuration.result_config(cfg)
     rows, todo = {}, {}
     for name in cfg.TASKS:
-        data = utils.load_task(name, cfg, log)
-        old = utils.read_saved(checkpoint_path(cfg.CKPT_DIR, name), log)
-        if utils.made_with(old, config) and old.get("data_fingerprint") == data.fingerprint:
+        data = utils.load_task(name, **configuration.data_options(cfg), log=log)
+        old = store.read_saved(checkpoint_path(cfg.CKPT_DIR, name), log)
+        if store.made_with(old, config) and old.get("data_fingerprint") == data.fingerprint:
             log.info("%s: finished earlier with the same config and data, skipped", name)
             rows[name] = {"task": name, **old["metrics"], "seconds": old["seconds"], "status": "skipped"}
             continue
@@ -94,7 +97,7 @@ def main(argv=None):
         todo[name] = data
 
     def done(name, ckpt):
-        utils.save_checkpoint(dict(ckpt, config=config), checkpoint_path(cfg.CKPT_DIR, name))
+        store.save_checkpoint(dict(ckpt, config=config), checkpoint_path(cfg.CKPT_DIR, name))
         metrics = ckpt["metrics"]
         log.info("%s: %d train images, test error %.2f %% (balanced %.2f %%, AUROC %.4f), %.1f s", name,
                  len(todo[name].train.x), metrics["test_error"], metrics["test_balanced_error"], metrics["test_auroc"],
@@ -105,7 +108,7 @@ def main(argv=None):
         tasks = ex.share(dict, todo)  # one copy of each dataset's images for every unit
         ex.run([ex.submit(name, train_unit, tasks, name, cfg, ex.device) for name in todo], "tasks", done)
     table = pd.DataFrame([rows[name] for name in cfg.TASKS]).set_index("task")
-    utils.atomic_write(f"{cfg.CKPT_DIR}/tasks/summary.csv", lambda tmp: table.to_csv(tmp))
+    store.atomic_write(f"{cfg.CKPT_DIR}/tasks/summary.csv", lambda tmp: table.to_csv(tmp))
     shown = table[["test_error", "test_balanced_error", "test_auroc", "val_error", "seconds", "status"]]
     log.info("summary (also in %s/tasks/summary.csv):\n%s", cfg.CKPT_DIR,
              shown.to_string(float_format="{:.4g}".format))
@@ -113,6 +116,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    utils.keep_freed_memory()  # only when run as a script: a process that imports this module keeps its malloc
+    configuration.keep_freed_memory()  # only when run as a script: a process that imports this module keeps its malloc
     import train_task  # run the importable module, whose units Ray's workers can import too
-    utils.run(train_task.main)
+    configuration.run(train_task.main)

@@ -27,6 +27,7 @@ from types import SimpleNamespace
 import pandas as pd
 
 import common
+import configuration
 import model_FUSE
 import prune_transform
 import train_task
@@ -74,7 +75,7 @@ def preset_value(preset):
 
 
 def full_config(step, preset, data):
-    return utils.configure(vars(STEPS[step]), [f"--PRESET={preset_value(preset)}", f"--DATA_DIR={data}"])
+    return configuration.configure(vars(STEPS[step]), [f"--PRESET={preset_value(preset)}", f"--DATA_DIR={data}"])
 
 
 # ----------------------------------------------------------------------------- units and projections
@@ -96,7 +97,7 @@ def unit_overrides(step, preset, args):
 def split_sizes(cfg, limit=0):
     """Training (at most `limit`, 0 = all), validation and test images of the target under cfg;
     every task is taken to have the target's sizes (true of MNIST and Fashion-MNIST)."""
-    data = utils.load_task(TARGET, cfg)
+    data = utils.load_task(TARGET, **configuration.data_options(cfg))
     n_train = len(data.train.x)
     return min(limit, n_train) if limit else n_train, len(data.val.x), len(data.test.x)
 
@@ -124,14 +125,14 @@ def extractions(cfg):
 
 def extraction_seconds(ckpt, unit):
     """The unit pair's two extractions, timed here on its networks and images."""
-    cfg, data = SimpleNamespace(**dict(vars(unit), CKPT_DIR=str(ckpt))), utils.load_task(TARGET, unit)
-    device = utils.get_device(unit.DEVICE)
+    cfg, data = SimpleNamespace(**dict(vars(unit), CKPT_DIR=str(ckpt))), utils.load_task(TARGET, **configuration.data_options(unit))
+    device = configuration.get_device(unit.DEVICE)
     seconds = []
     for name in (SOURCE, TARGET):
-        net, _ = prune_transform.load_network(name, utils.load_task(name, unit), cfg, device)
+        net, _ = prune_transform.load_network(name, utils.load_task(name, **configuration.data_options(unit)), cfg, device)
         tick = time.perf_counter()
-        prune_transform.features(net.encoder, (data.train.x, data.val.x), unit.EVAL_BATCH, unit.PRECISION,
-                                 unit.FEATURES, device)
+        prune_transform.feature_unit(net.encoder, (data.train.x, data.val.x), unit.EVAL_BATCH, unit.PRECISION,
+                                     unit.FEATURES, device)
         seconds.append(time.perf_counter() - tick)
     return seconds
 
@@ -195,8 +196,8 @@ def run_preset(preset, mode, precision, args, tmp):
         row = dict(preset=preset, step=number, script=f"{step}.py", mode=mode, wall_s=wall, peak_rss_mib=rss,
                    projected_s=wall, unit="whole step")
         if mode == "project":  # the run's time outside the unit's work (start-up, data, reports) is kept
-            unit_cfg = utils.configure(vars(STEPS[step]), [f"--PRESET={preset_value(preset)}", f"--DATA_DIR={data}",
-                                                           f"--DEVICE={args.device}", *overrides])
+            unit_cfg = configuration.configure(vars(STEPS[step]), [f"--PRESET={preset_value(preset)}", f"--DATA_DIR={data}",
+                                                                   f"--DEVICE={args.device}", *overrides])
             work, projected = project(PARTS[step](ckpt, full_config(step, preset, data), unit_cfg))
             row.update(projected_s=wall - work + projected, unit=UNITS[step])
         rows.append(row)

@@ -2,7 +2,7 @@
 
 python benchmarks/bench_step1.py [--size=smoke|full] [--batches=N] [--repeats=R]
 Ours is what train_task.train_network does per step, in each --precision: shuffled index batches of an in-memory float
-tensor (utils.batches inside utils.train_epoch) and fused Adam (utils.adam). The naive way: a Dataset
+tensor (training.batches inside training.train_epoch) and fused Adam (training.adam). The naive way: a Dataset
 making a PIL image per sample, ToTensor, DataLoader(batch_size=64, shuffle=True) and torch.optim.Adam.
 Writes <out>/step1.csv (images/s, ratio, FLOP/s, share of the roofline, projected epoch) and
 <out>/step1_profile.csv (where a batch's time goes).
@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import common
-import train_task
+import configuration
+import training
 import utils
 from models import BaseCNN
 
@@ -40,7 +41,7 @@ def load_images(args):
     if args.smoke:
         return common.synthetic_split(n), common.PAPER_TRAIN
     common.require_full_data(args.data, "mnist")
-    train = utils.load_task("mnist0", common.data_config(train_task, args.data)).train
+    train = utils.load_task("mnist0", args.data).train
     return utils.Split(train.x[:n], train.y[:n]), len(train.x)
 
 
@@ -52,11 +53,11 @@ def fresh_model(device):
 def ours(train, device, precision):
     """A run of train_task.train_network's epoch loop over the images in a PRECISION; malloc set as
     train_task.py sets it (large freed blocks kept for reuse), so this runs in a common.Worker of its own."""
-    utils.keep_freed_memory()
+    configuration.keep_freed_memory()
     model = fresh_model(device)
-    optimizer = utils.adam(model.parameters(), LR, device)
+    optimizer = training.adam(model.parameters(), LR, device)
     generator = torch.Generator().manual_seed(0)
-    return lambda: utils.train_epoch(model, optimizer, train.x, train.y, BATCH, generator, device, precision=precision)
+    return lambda: training.train_epoch(model, optimizer, train.x, train.y, BATCH, generator, device, precision=precision)
 
 
 def naive_loader(train):
@@ -93,11 +94,11 @@ def profile(batches, model, optimizer, device):
 
 
 def profile_ours(train, device):
-    utils.keep_freed_memory()
+    configuration.keep_freed_memory()
     generator = torch.Generator().manual_seed(0)
     model = fresh_model(device)
-    batches = ((train.x[i], train.y[i]) for i in utils.batches(len(train.x), BATCH, True, generator))
-    return lambda: profile(batches, model, utils.adam(model.parameters(), LR, device), device)
+    batches = ((train.x[i], train.y[i]) for i in training.batches(len(train.x), BATCH, True, generator))
+    return lambda: profile(batches, model, training.adam(model.parameters(), LR, device), device)
 
 
 def profile_naive(train, device):

@@ -6,7 +6,7 @@ Phases: feature extraction (both networks on the target's training and validatio
 the transfer net (--epochs), the pruning sweep (every level of PRUNE_LEVELS, each pruned one-shot from
 the trained net, fine-tuned --finetune-epochs and scored; the tolerance is disabled so that both ways
 run the same levels).
-Ours, in each --precision: prune_transform.features (utils.predict under inference_mode), train_transfer and Sweep.
+Ours, in each --precision: prune_transform.feature_unit (training.predict under inference_mode), train_transfer and Sweep.
 Naive: encoder features by a DataLoader of per-image ToTensor batches of 64 under no_grad, kept as
 NumPy arrays; then a per-sample Dataset over those arrays, DataLoader(batch_size=200, shuffle=True),
 plain Adam, the same TransferNet, and torch's L1Unstructured global pruning at every level.
@@ -48,7 +48,7 @@ def load_pair(args):
         train, val = common.synthetic_split(args.limit), common.synthetic_split(args.val_limit, seed=1)
     else:
         common.require_full_data(args.data, utils.get_task(TARGET).dataset)
-        data = utils.load_task(TARGET, common.data_config(prune_transform, args.data))
+        data = utils.load_task(TARGET, args.data)
         train = utils.Split(data.train.x[:args.limit], data.train.y[:args.limit])
         val = utils.Split(data.val.x[:args.val_limit], data.val.y[:args.val_limit])
     networks = {}
@@ -60,8 +60,8 @@ def load_pair(args):
 
 def pair_config(args, *extra):
     levels = ["--PRUNE_LEVELS=[0.5, 0.9]"] if args.smoke else []
-    return common.data_config(prune_transform, args.data, f"--TRANSFER_EPOCHS={args.epochs}",
-                              f"--FINETUNE_EPOCHS={args.finetune_epochs}", *levels, *extra)
+    return common.script_config(prune_transform, args.data, f"--TRANSFER_EPOCHS={args.epochs}",
+                                f"--FINETUNE_EPOCHS={args.finetune_epochs}", *levels, *extra)
 
 
 def levels(cfg):
@@ -71,8 +71,8 @@ def levels(cfg):
 
 # ----------------------------------------------------------------------------- ours
 def ours_extract(data, networks, cfg):
-    return [prune_transform.features(net.encoder, (data.train.x, data.val.x), cfg.EVAL_BATCH, cfg.PRECISION,
-                                     cfg.FEATURES, next(net.parameters()).device) for net in networks.values()]
+    return [prune_transform.feature_unit(net.encoder, (data.train.x, data.val.x), cfg.EVAL_BATCH, cfg.PRECISION,
+                                         cfg.FEATURES, next(net.parameters()).device) for net in networks.values()]
 
 
 def make_pair(data, networks, feats, cfg, device):
@@ -192,7 +192,7 @@ def flop_per_unit(cfg, n_train, n_val):
 
 def rows(seconds, args, data, peaks, variants):
     measured = units(pair_config(args), len(data.train.x), len(data.val.x))
-    paper = units(common.data_config(prune_transform, args.data), common.PAPER_TRAIN, common.PAPER_VAL)
+    paper = units(common.script_config(prune_transform, args.data), common.PAPER_TRAIN, common.PAPER_VAL)
     flop = flop_per_unit(pair_config(args), len(data.train.x), len(data.val.x))
     out = []
     for phase, times in seconds.items():

@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import common
+import configuration
 import model_FUSE
+import training
 import utils
 from models import FuseMixture, Genotype, build_network
 from models.baselines import BASELINES, build_baseline
@@ -60,9 +62,9 @@ def arguments(argv):
 
 
 def round_config(args, precision="fp32"):
-    return common.data_config(model_FUSE, args.data, f"--PRECISION={precision}", f"--W_EPOCHS={args.w_epochs}",
-                              f"--ALPHA_EPOCHS={args.alpha_epochs}", f"--MAX_ALTERNATIONS={args.alternations}",
-                              "--ALPHA_MARGIN=2.0", preset="smoke" if args.smoke else "paper")
+    return common.script_config(model_FUSE, args.data, f"--PRECISION={precision}", f"--W_EPOCHS={args.w_epochs}",
+                                f"--ALPHA_EPOCHS={args.alpha_epochs}", f"--MAX_ALTERNATIONS={args.alternations}",
+                                "--ALPHA_MARGIN=2.0", preset="smoke" if args.smoke else "paper")
 
 
 def load_splits(args, cfg):
@@ -70,7 +72,7 @@ def load_splits(args, cfg):
         return common.synthetic_split(args.limit), common.synthetic_split(args.val_limit, seed=1)
     target = utils.HELD_OUT_TARGET
     common.require_full_data(args.data, utils.get_task(target).dataset)
-    data = utils.load_task(target, cfg)
+    data = utils.load_task(target, **configuration.data_options(cfg))
     return (utils.Split(data.train.x[:args.limit], data.train.y[:args.limit]),
             utils.Split(data.val.x[:args.val_limit], data.val.y[:args.val_limit]))
 
@@ -175,8 +177,8 @@ def time_compile(args, cfg, train):
                 torch.manual_seed(SEED)
                 net = build_network(genotype, 2).to(args.device).train()
                 run = torch.compile(net, backend=args.backend) if way == "compiled" else net
-                optimizer = utils.adam(net.parameters(), cfg.W_LR, args.device)
-                steps = [common.timed(lambda: utils.train_step(run, optimizer, xb, yb, F.cross_entropy), args.device)
+                optimizer = training.adam(net.parameters(), cfg.W_LR, args.device)
+                steps = [common.timed(lambda: training.train_step(run, optimizer, xb, yb, F.cross_entropy), args.device)
                          for _ in range(args.steps + 1)]
                 seconds[way] = steps[0], statistics.median(steps[1:])
             (_, eager), (first, compiled) = seconds["eager"], seconds["compiled"]
@@ -201,9 +203,9 @@ def time_layouts(args, cfg, train):
         for layout, fmt in LAYOUTS.items():
             net = build_baseline(name, 2).to(args.device, memory_format=fmt)
             net.load_state_dict(state)
-            optimizer = utils.adam(net.parameters(), cfg.FINAL_LR, args.device)
-            train_runs[layout] = functools.partial(utils.train_step, net.train(), optimizer, xb, yb, F.cross_entropy)
-            eval_runs[layout] = functools.partial(utils.predict, net, xe, len(xe))
+            optimizer = training.adam(net.parameters(), cfg.FINAL_LR, args.device)
+            train_runs[layout] = functools.partial(training.train_step, net.train(), optimizer, xb, yb, F.cross_entropy)
+            eval_runs[layout] = functools.partial(training.predict, net, xe, len(xe))
         train_s = common.alternate(train_runs, args.steps, args.device, warmup=True)
         eval_s = common.alternate(eval_runs, args.steps, args.device, warmup=True)
         rows += [dict(row=name, layout=layout, batch=len(xb), eval_batch=len(xe), steps=args.steps,

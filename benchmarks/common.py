@@ -18,6 +18,7 @@ from torchvision.transforms import ToTensor
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the repo's modules, when a benchmark runs as a script
 
+import configuration  # noqa: E402
 import utils  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -51,7 +52,7 @@ def parse(p, argv):
         if getattr(args, name, None) is None:
             setattr(args, name, value)
     args.smoke = args.size == "smoke"
-    args.device = utils.get_device(args.device)
+    args.device = configuration.get_device(args.device)
     return args
 
 
@@ -64,9 +65,9 @@ def require_full_data(data_dir, dataset):
                  "CSVs with --data, or run --size=smoke")
 
 
-def data_config(module, data_dir, *extra, preset="paper"):
+def script_config(module, data_dir, *extra, preset="paper"):
     """A script's configuration under a preset (the paper's by default), reading data_dir."""
-    return utils.configure(vars(module), [f"--PRESET={preset}", f"--DATA_DIR={data_dir}", *extra])
+    return configuration.configure(vars(module), [f"--PRESET={preset}", f"--DATA_DIR={data_dir}", *extra])
 
 
 # ----------------------------------------------------------------------------- timing
@@ -147,7 +148,7 @@ def variants(precisions):
 
 
 def device_name(device):
-    env = utils.environment(device)
+    env = configuration.environment(device)
     return f"{device.type} ({env.get('gpu') or env.get('cpu')}, {env['threads']} threads)"
 
 

@@ -1,7 +1,7 @@
 """The paper's epsilon-representative network for a task."""
 from torch import nn
 
-FEATURES = 1024  # width of the encoder output: the "hidden features" the task distance compares
+FEATURE_DIM = 1024  # width of the encoder output: the "hidden features" the task distance compares
 
 
 class BaseCNN(nn.Module):
@@ -13,10 +13,10 @@ class BaseCNN(nn.Module):
             nn.Conv2d(1, 32, kernel_size=5, stride=1, padding=2),
             nn.ReLU(),
             nn.Flatten(),
-            nn.Linear(28 * 28 * 32, FEATURES),
+            nn.Linear(28 * 28 * 32, FEATURE_DIM),
             nn.ReLU(),
         )
-        self.head = nn.Linear(FEATURES, num_classes)
+        self.head = nn.Linear(FEATURE_DIM, num_classes)
 
     def forward(self, x):
         return self.head(self.encoder(x))

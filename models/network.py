@@ -61,7 +61,7 @@ class GlobalAvgPool(nn.Module):
 
 
 class GenotypeNetwork(nn.Module):
-    """The fixed network a genotype describes: stem, 3 stages of N cells with 2 reductions, head."""
+    """The fixed network a genotype describes: stem, 3 stages of N cells with 2 reductions, pooling, classifier."""
 
     def __init__(self, genotype: Genotype, num_classes: int, in_channels: int = 1) -> None:
         super().__init__()
@@ -77,11 +77,11 @@ class GenotypeNetwork(nn.Module):
                 layers.append(ReductionBlock(width // 2, width))
             layers.extend(Cell(genotype, width) for _ in range(N))
         self.cells = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.ReLU(inplace=False), GlobalAvgPool())
+        self.pool = nn.Sequential(nn.ReLU(inplace=False), GlobalAvgPool())
         self.classifier = nn.Linear(4 * C, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.head(self.cells(self.stem(x))))
+        return self.classifier(self.pool(self.cells(self.stem(x))))
 
 
 def build_network(genotype: Genotype, num_classes: int, in_channels: int = 1) -> GenotypeNetwork:

@@ -10,7 +10,7 @@ indicator" detected the digit 1; we follow the paper's text: the digit 6.
 Trial k trains one ResNet-18 per task (models.baselines: torchvision's, adapted to 1x28x28) from the same
 initialisation and data order, seed k (the theory's Remark 1: networks trained alike are at distance 0), with
 Adam (lr 1e-3 decayed to 0 along a cosine) and cross-entropy on the first --train-limit training images. d_F(b -> t) is step 2's
-(prune_transform.task_fisher): N_b's body with a head refitted to task t, the diagonal empirical Fisher on
+(fisher.task_fisher): N_b's body with a head refitted to task t, the diagonal empirical Fisher on
 --samples training images of t, normalised to unit trace, against the same for N_t. The networks and each
 trial's distances are kept under --work (a rerun resumes); --out gets ftd_networks.csv (test error of every
 network), ftd_matrix_mean.csv / ftd_matrix_sd.csv (over the trials), ftd_vs_paper.csv / .md and
@@ -30,7 +30,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import common  # noqa: E402  (puts the repo on sys.path)
+import configuration  # noqa: E402
+import fisher  # noqa: E402
 import prune_transform  # noqa: E402
+import store  # noqa: E402
+import training  # noqa: E402
 import utils  # noqa: E402
 from models.baselines import build_baseline  # noqa: E402
 
@@ -71,7 +75,7 @@ def arguments(argv):
 
 
 def config(args):
-    return utils.configure(vars(prune_transform), [
+    return configuration.configure(vars(prune_transform), [
         f"--DATA_DIR={args.data}", f"--TRAIN_LIMIT={args.train_limit}", f"--EVAL_LIMIT={args.eval_limit}",
         f"--FISHER_SAMPLES={args.samples}", "--FISHER_PARAMS=all", "--PRECISION=fp32"])
 
@@ -81,16 +85,16 @@ def network(args, trial, key, data):
     settings = dict(task=TASKS[key], seed=trial, train_limit=args.train_limit, epochs=args.epochs, batch=args.batch,
                     lr=1e-3, lr_schedule="cosine", data=data.fingerprint)
     path = args.work / f"trial{trial}" / f"{key}.pt"
-    utils.set_seed(trial)  # the same initialisation for every task of a trial (the head, built last, differs)
+    configuration.set_seed(trial)  # the same initialisation for every task of a trial (the head, built last, differs)
     model = build_baseline("resnet18", data.task.num_classes).to(args.device)
-    saved = utils.load_current(path, settings)
+    saved = store.load_current(path, settings)
     if saved is None:
         tick = time.perf_counter()
-        utils.fit(model, data.train, args.epochs, args.batch, 1e-3, trial, args.device, label=f"trial {trial} {key}",
-                  lr_schedule="cosine")
-        metrics = dict(utils.evaluate(model, data, splits=("test",)), train_s=time.perf_counter() - tick)
+        training.fit(model, data.train, args.epochs, args.batch, 1e-3, trial, args.device, label=f"trial {trial} {key}",
+                     lr_schedule="cosine")
+        metrics = dict(training.evaluate(model, data, splits=("test",)), train_s=time.perf_counter() - tick)
         saved = dict(config=settings, state=model.state_dict(), metrics=metrics)
-        utils.save_checkpoint(saved, path)
+        store.save_checkpoint(saved, path)
         print(f"trial {trial} {key} ({TASKS[key]}): test error {metrics['test_error']:.2f} %, "
               f"{metrics['train_s']:.0f} s", flush=True)
     model.load_state_dict(saved["state"])
@@ -102,7 +106,7 @@ def trial_distances(args, cfg, trial, data):
     nets = {k: network(args, trial, k, data[k]) for k in TASKS}
     settings = dict(samples=args.samples, networks=[nets[k][1] for k in TASKS])
     path = args.work / f"trial{trial}" / "distances.json"
-    saved = utils.load_current(path, settings) or dict(config=settings, distances={})
+    saved = store.load_current(path, settings) or dict(config=settings, distances={})
     for t in TASKS:
         own = None
         for b in TASKS:
@@ -113,13 +117,13 @@ def trial_distances(args, cfg, trial, data):
                 saved["distances"][key] = 0.0
                 continue
             tick = time.perf_counter()
-            own = own if own is not None else prune_transform.task_fisher(nets[t][0], data[t], cfg)
-            saved["distances"][key] = prune_transform.fisher_distance(
-                prune_transform.task_fisher(nets[b][0], data[t], cfg), own)
-            utils.write_json(path, saved)
+            own = own if own is not None else fisher.task_fisher(nets[t][0], data[t], cfg)
+            saved["distances"][key] = fisher.fisher_distance(
+                fisher.task_fisher(nets[b][0], data[t], cfg), own)
+            store.write_json(path, saved)
             print(f"trial {trial} d_F({b} -> {t}) = {saved['distances'][key]:.4f}, "
                   f"{time.perf_counter() - tick:.0f} s", flush=True)
-    utils.write_json(path, saved)
+    store.write_json(path, saved)
     rows = [dict(trial=trial, task=k, name=TASKS[k], classes=data[k].task.num_classes, **nets[k][1]) for k in TASKS]
     return saved["distances"], rows
 
@@ -180,16 +184,16 @@ def heatmap(mean, sd, paper, path):
         ax.set_ylabel("source")
         ax.set_title(f"FTD, MNIST, ResNet-18: {title}")
     fig.tight_layout()
-    utils.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    store.atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
 def main(argv=None):
     args = arguments(argv)
     tick = time.perf_counter()
-    utils.keep_freed_memory()  # the per-sample gradients allocate large blocks again and again
+    configuration.keep_freed_memory()  # the per-sample gradients allocate large blocks again and again
     cfg = config(args)
-    data = {k: utils.load_task(name, cfg) for k, name in TASKS.items()}
+    data = {k: utils.load_task(name, **configuration.data_options(cfg)) for k, name in TASKS.items()}
     with common.threads(args.threads):
         trials = [trial_distances(args, cfg, trial, data) for trial in range(args.trials)]
     stack = np.stack([matrix(d).to_numpy() for d, _ in trials])

@@ -37,7 +37,9 @@ import pandas as pd
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the repo's modules, when this runs as a script
 
+import configuration  # noqa: E402
 import prune_transform  # noqa: E402
+import store  # noqa: E402
 import utils  # noqa: E402
 
 PAPER = REPO / "results" / "paper" / "distance_matrix.csv"
@@ -108,7 +110,7 @@ def run_variant(args, variant, seed, targets):
 
 # ----------------------------------------------------------------------------- scoring
 def read_pairs(folder, targets):
-    pairs = [utils.read_saved(p) for p in sorted((folder / "distances" / "pairs").glob("*.json"))]
+    pairs = [store.read_saved(p) for p in sorted((folder / "distances" / "pairs").glob("*.json"))]
     return [p for p in pairs if p and p["target"] in targets]
 
 
@@ -189,9 +191,9 @@ def passes(row):
 def levels(args, sources, performance, feasibility, cache={}):
     """The feasibility level the base networks `sources` set for a performance measure (prune_transform's)."""
     if (performance, feasibility) not in cache:
-        metrics = {s: utils.read_saved(Path(args.ckpt) / "tasks" / f"{s}.pt")["metrics"] for s in sources}
-        cfg = utils.configure(vars(prune_transform), [f"--PERFORMANCE={performance}", f"--FEASIBILITY={feasibility}",
-                                                      f"--SOURCES={list(sources)}"])
+        metrics = {s: store.read_saved(Path(args.ckpt) / "tasks" / f"{s}.pt")["metrics"] for s in sources}
+        cfg = configuration.configure(vars(prune_transform), [f"--PERFORMANCE={performance}", f"--FEASIBILITY={feasibility}",
+                                                              f"--SOURCES={list(sources)}"])
         cache[performance, feasibility] = prune_transform.feasibility_level(metrics, cfg)
     return cache[performance, feasibility]
 
@@ -373,7 +375,7 @@ def matrix_criteria(folders, out):
 
 def main(argv=None):
     args = arguments(argv)
-    args.device = str(utils.get_device(args.device))
+    args.device = str(configuration.get_device(args.device))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     if args.matrix:
         return matrix_criteria(args.matrix.split(","), args.out)

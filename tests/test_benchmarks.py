@@ -105,13 +105,13 @@ def test_study_reads_relative_and_level_rules_off_a_whole_curve():
 
 
 def test_study_variants_start_from_the_matrix_rule_and_are_valid_configurations():
+    import configuration
     import prune_transform
     import study_distance
-    import utils
     assert {k: getattr(prune_transform, k) for k in study_distance.BASE} == study_distance.BASE  # "default"
     for name, (_, changes) in study_distance.VARIANTS.items():
         settings = dict(study_distance.BASE, **changes)
-        cfg = utils.configure(vars(prune_transform), [f"--{k}={v}" for k, v in settings.items()])
+        cfg = configuration.configure(vars(prune_transform), [f"--{k}={v}" for k, v in settings.items()])
         prune_transform.check_config(cfg)
         assert {k: getattr(cfg, k) for k in settings} == settings, name
 
@@ -119,7 +119,7 @@ def test_study_variants_start_from_the_matrix_rule_and_are_valid_configurations(
 def write_matrix_run(folder, distances, seed, nets="n"):
     """A prune_transform CKPT_DIR at its defaults: distances/matrix.csv and one pair JSON per entry."""
     import prune_transform
-    import utils
+    import store
     (folder / "distances" / "pairs").mkdir(parents=True)
     distances.to_csv(folder / "distances" / "matrix.csv")
     config = dict(PERFORMANCE=prune_transform.PERFORMANCE, TOLERANCE=prune_transform.TOLERANCE,
@@ -127,7 +127,7 @@ def write_matrix_run(folder, distances, seed, nets="n"):
     for s in distances.index:
         for t in distances.columns:
             d = distances.at[s, t]
-            utils.write_json(folder / "distances" / "pairs" / f"{s}__{t}.json", dict(
+            store.write_json(folder / "distances" / "pairs" / f"{s}__{t}.json", dict(
                 source=s, target=t, config=dict(config, source_net=nets + s, target_net=nets + t),
                 unpruned=dict(auroc=0.95 if np.isnan(d) else 0.99), seconds=100.0 + seed,
                 crossing_sparsity=0.0 if d == 100 else 0.9, first_failing_sparsity=0.95))
@@ -247,8 +247,8 @@ def test_ftd_suite_compares_with_the_published_matrix_and_resumes(tmp_path, monk
 
     def redo(*args, **kwargs):
         raise AssertionError("a rerun must read its networks and distances back")
-    monkeypatch.setattr(ftd_suite.utils, "fit", redo)
-    monkeypatch.setattr(ftd_suite.prune_transform, "task_fisher", redo)
+    monkeypatch.setattr(ftd_suite.training, "fit", redo)
+    monkeypatch.setattr(ftd_suite.fisher, "task_fisher", redo)
     again, _, _ = ftd_suite.main(["--size=smoke", f"--out={tmp_path}"])
     pd.testing.assert_frame_equal(again, mean)
 

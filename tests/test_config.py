@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-import utils
+import configuration
+from configuration import UserError
 
 
 def script_constants(**changes):
@@ -19,11 +20,11 @@ def script_constants(**changes):
 
 
 def test_a_plain_run_uses_the_constants_as_written():
-    cfg = utils.configure(script_constants(), [])
+    cfg = configuration.configure(script_constants(), [])
     assert cfg.SEED == 0 and cfg.LR == 1e-3 and cfg.TASKS == ["mnist0", "mnist1"]
     assert cfg.EPOCHS == 7 and cfg.changes == {}
     assert not hasattr(cfg, "lowercase_ignored") and not hasattr(cfg, "NOT_A_SETTING")
-    assert "PRESETS" not in utils.settings(cfg)
+    assert "PRESETS" not in configuration.settings(cfg)
 
 
 def test_an_edited_constant_reaches_each_script():
@@ -34,7 +35,7 @@ def test_an_edited_constant_reaches_each_script():
     for module, name, value in ((train_task, "EPOCHS", 3), (prune_transform, "TRANSFER_EPOCHS", 4),
                                 (model_FUSE, "C", 12)):
         namespace = dict(vars(module), **{name: value})
-        assert getattr(utils.configure(namespace, []), name) == value
+        assert getattr(configuration.configure(namespace, []), name) == value
 
 
 def test_every_preset_names_constants_of_its_script():
@@ -44,18 +45,18 @@ def test_every_preset_names_constants_of_its_script():
     for module in (train_task, prune_transform, model_FUSE):
         assert {"paper", "smoke"} <= set(module.PRESETS)
         for preset in module.PRESETS:
-            utils.configure(vars(module), [f"--PRESET={preset}"])  # raises on a name the script lacks
+            configuration.configure(vars(module), [f"--PRESET={preset}"])  # raises on a name the script lacks
 
 
 def test_a_preset_naming_an_unknown_constant_is_an_error():
     ns = script_constants(PRESETS={"paper": dict(EPOHCS=1)})
-    with pytest.raises(utils.UserError, match="preset 'paper' sets EPOHCS, which is not a constant") as err:
-        utils.configure(ns, ["--PRESET=paper"])
+    with pytest.raises(UserError, match="preset 'paper' sets EPOHCS, which is not a constant") as err:
+        configuration.configure(ns, ["--PRESET=paper"])
     assert "EPOCHS" in str(err.value)
 
 
 def test_changes_record_what_the_preset_and_the_command_line_changed():
-    cfg = utils.configure(script_constants(), ["--PRESET=smoke", "--SEED=4"])
+    cfg = configuration.configure(script_constants(), ["--PRESET=smoke", "--SEED=4"])
     assert cfg.changes == {"TRAIN_LIMIT": (0, 400, "preset smoke"), "EPOCHS": (7, 1, "preset smoke"),
                            "SEED": (0, 4, "command line"), "PRESET": ("", "smoke", "command line")}
 
@@ -72,24 +73,24 @@ def test_changes_record_what_the_preset_and_the_command_line_changed():
     ("--TASKS=('a', 'b')", "TASKS", ["a", "b"]),  # any sequence, converted to the default's type
 ])
 def test_override_parsing(arg, name, value):
-    got = getattr(utils.configure(script_constants(), [arg]), name)
+    got = getattr(configuration.configure(script_constants(), [arg]), name)
     assert got == value and type(got) is type(value)
 
 
 def test_precedence_file_then_preset_then_command_line():
     ns = script_constants(PRESET="smoke", TRAIN_LIMIT=123)
-    assert utils.configure(ns, []).TRAIN_LIMIT == 400                   # the preset beats the file
-    assert utils.configure(ns, ["--PRESET=paper"]).TRAIN_LIMIT == 123   # paper leaves it: the file's value
-    assert utils.configure(ns, ["--PRESET="]).TRAIN_LIMIT == 123        # no preset: the file's value
-    cfg = utils.configure(ns, ["--PRESET=smoke", "--TRAIN_LIMIT=7"])
+    assert configuration.configure(ns, []).TRAIN_LIMIT == 400                   # the preset beats the file
+    assert configuration.configure(ns, ["--PRESET=paper"]).TRAIN_LIMIT == 123   # paper leaves it: the file's value
+    assert configuration.configure(ns, ["--PRESET="]).TRAIN_LIMIT == 123        # no preset: the file's value
+    cfg = configuration.configure(ns, ["--PRESET=smoke", "--TRAIN_LIMIT=7"])
     assert cfg.TRAIN_LIMIT == 7 and cfg.PRESET == "smoke"               # the command line beats both
     assert cfg.EPOCHS == 1 and cfg.SEED == 0  # untouched: preset value, file value
     assert ns["TRAIN_LIMIT"] == 123           # the script's globals are left alone
 
 
 def test_unknown_name_lists_valid_names():
-    with pytest.raises(utils.UserError, match="unknown constant 'EPOHCS'") as err:
-        utils.configure(script_constants(), ["--EPOHCS=2"])
+    with pytest.raises(UserError, match="unknown constant 'EPOHCS'") as err:
+        configuration.configure(script_constants(), ["--EPOHCS=2"])
     for name in ("EPOCHS", "LR", "TASKS", "PRESET"):
         assert name in str(err.value)
 
@@ -98,56 +99,56 @@ def test_unknown_name_lists_valid_names():
                                  "--LR=fast", "--TASKS=3", "--TASKS=[1, 2]", "--SEED={[1]: 2}"])
 def test_wrong_type(arg):
     name = arg[2:].split("=")[0]
-    with pytest.raises(utils.UserError, match=f"{name} must be of type"):
-        utils.configure(script_constants(), [arg])
+    with pytest.raises(UserError, match=f"{name} must be of type"):
+        configuration.configure(script_constants(), [arg])
 
 
 def test_unknown_preset_lists_presets():
     for argv, ns in ((["--PRESET=huge"], script_constants()), ([], script_constants(PRESET="huge"))):
-        with pytest.raises(utils.UserError, match="unknown PRESET 'huge'") as err:
-            utils.configure(ns, argv)
+        with pytest.raises(UserError, match="unknown PRESET 'huge'") as err:
+            configuration.configure(ns, argv)
         assert "paper" in str(err.value) and "smoke" in str(err.value)
 
 
 @pytest.mark.parametrize("arg", ["--EPOCHS", "EPOCHS=2", "-EPOCHS=2"])
 def test_malformed_argument(arg):
-    with pytest.raises(utils.UserError, match="write --NAME=value") as err:
-        utils.configure(script_constants(), [arg])
+    with pytest.raises(UserError, match="write --NAME=value") as err:
+        configuration.configure(script_constants(), [arg])
     assert "EPOCHS" in str(err.value) and "Valid names" in str(err.value)
 
 
 def test_result_config_excludes_run_only_keys():
-    cfg = utils.configure(script_constants(), ["--DEVICE=cpu"])
-    config = utils.result_config(cfg)
-    assert not set(config) & utils.NON_RESULT_KEYS
+    cfg = configuration.configure(script_constants(), ["--DEVICE=cpu"])
+    config = configuration.result_config(cfg)
+    assert not set(config) & configuration.NON_RESULT_KEYS
     assert {"SEED", "LR", "EPOCHS", "TRAIN_LIMIT", "VAL_FRACTION"} <= set(config)
-    assert "SEED" not in utils.result_config(cfg, extra_ignored=["SEED"])
+    assert "SEED" not in configuration.result_config(cfg, extra_ignored=["SEED"])
     # moving the data or the checkpoints does not change what a run computes
-    other = utils.configure(script_constants(), ["--DATA_DIR=elsewhere", "--CKPT_DIR=x", "--TASKS=['a']"])
-    assert utils.result_config(other) == config
+    other = configuration.configure(script_constants(), ["--DATA_DIR=elsewhere", "--CKPT_DIR=x", "--TASKS=['a']"])
+    assert configuration.result_config(other) == config
 
 
 def test_get_device():
     expected = ("cuda" if torch.cuda.is_available() else
                 "mps" if torch.backends.mps.is_available() else "cpu")
-    assert utils.get_device("auto").type == expected
-    assert utils.get_device("cpu") == torch.device("cpu")
-    with pytest.raises(utils.UserError, match="not a device name"):
-        utils.get_device("gpu0")
+    assert configuration.get_device("auto").type == expected
+    assert configuration.get_device("cpu") == torch.device("cpu")
+    with pytest.raises(UserError, match="not a device name"):
+        configuration.get_device("gpu0")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_unavailable_is_a_user_error():
-    with pytest.raises(utils.UserError, match="no CUDA device"):
-        utils.get_device("cuda")
+    with pytest.raises(UserError, match="no CUDA device"):
+        configuration.get_device("cuda")
 
 
 def test_set_seed_repeats_every_source():
     def draw():
         return random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist()
-    utils.set_seed(5)
+    configuration.set_seed(5)
     first = draw()
-    utils.set_seed(5)
+    configuration.set_seed(5)
     assert draw() == first
-    utils.set_seed(6)
+    configuration.set_seed(6)
     assert draw() != first

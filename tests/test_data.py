@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+import configuration
 import utils
+from configuration import UserError
 from conftest import synthetic
 
 
@@ -32,7 +34,7 @@ def last_pixel(value):
 
 
 def read_error(path):
-    with pytest.raises(utils.UserError) as err:
+    with pytest.raises(UserError) as err:
         utils.read_kaggle_csv(path, 10)
     assert str(path) in str(err.value)
     return str(err.value)
@@ -94,13 +96,13 @@ def test_round_trip_is_exact(tmp_path):
 
 # ----------------------------------------------------------------------------- missing files
 def test_missing_dataset_mentions_download_and_files(tmp_path):
-    with pytest.raises(utils.UserError) as err:
+    with pytest.raises(UserError) as err:
         utils.load_dataset("mnist", tmp_path)
     text = str(err.value)
     assert "--DOWNLOAD=True" in text and "mnist_train.csv" in text and "mnist_test.csv" in text
-    with pytest.raises(utils.UserError, match="full_numpy_bitmap_"):
+    with pytest.raises(UserError, match="full_numpy_bitmap_"):
         utils.load_dataset("quickdraw", tmp_path)
-    with pytest.raises(utils.UserError, match="unknown dataset 'cifar'"):
+    with pytest.raises(UserError, match="unknown dataset 'cifar'"):
         utils.load_dataset("cifar", tmp_path)
 
 
@@ -108,7 +110,7 @@ def test_missing_dataset_mentions_download_and_files(tmp_path):
 def test_one_of_train_test_missing(tmp_path, present, missing):
     files = utils.DATASETS["fashion"].files
     utils.write_kaggle_csv(tmp_path / (files[present] + ".gz"), *synthetic(1))
-    with pytest.raises(utils.UserError) as err:
+    with pytest.raises(UserError) as err:
         utils.load_dataset("fashion", tmp_path)
     assert files[missing] in str(err.value) and files[present] in str(err.value)
 
@@ -150,7 +152,7 @@ def test_bad_quickdraw_npy(tmp_path, array, expected):
     path = npy_path(tmp_path, "apple")
     path.parent.mkdir()
     np.save(path, array)
-    with pytest.raises(utils.UserError, match=expected) as err:
+    with pytest.raises(UserError, match=expected) as err:
         utils.read_quickdraw_npy(path, 6000)
     assert str(path) in str(err.value)
 
@@ -158,7 +160,7 @@ def test_bad_quickdraw_npy(tmp_path, array, expected):
 def test_unreadable_quickdraw_npy(tmp_path):
     path = tmp_path / "broken.npy"
     path.write_bytes(b"not numpy")
-    with pytest.raises(utils.UserError, match="not a readable .npy") as err:
+    with pytest.raises(UserError, match="not a readable .npy") as err:
         utils.read_quickdraw_npy(path, 10)
     assert str(path) in str(err.value)
 
@@ -181,7 +183,7 @@ def test_good_quickdraw_folder(tmp_path):
     # a missing class file in an otherwise good folder names that file
     npy_path(tmp_path, "moon").unlink()
     utils._read_dataset.cache_clear()
-    with pytest.raises(utils.UserError, match="full_numpy_bitmap_moon.npy"):
+    with pytest.raises(UserError, match="full_numpy_bitmap_moon.npy"):
         utils.load_dataset("quickdraw", tmp_path)
 
 
@@ -207,24 +209,24 @@ def test_task_labels_on_loaded_data(tmp_path, make_kaggle, monkeypatch):
     train_x, train_y, test_x, test_y = make_kaggle(tmp_path, "fashion", 20, 5)
     monkeypatch.setitem(utils.TASK_REGISTRY, "fashion_17", utils.Task("fashion", "classes", (1, 7)))
     cfg = task_cfg(tmp_path)
-    sandal = utils.load_task("sandal", cfg)
+    sandal = utils.load_task("sandal", **configuration.data_options(cfg))
     assert int(sandal.test.y.sum()) == int((test_y == 5).sum()) == 5
     assert int(sandal.train.y.sum() + sandal.val.y.sum()) == int((train_y == 5).sum())
-    pair = utils.load_task("fashion_17", cfg)
+    pair = utils.load_task("fashion_17", **configuration.data_options(cfg))
     assert torch.equal(torch.bincount(pair.test.y), torch.tensor([40, 5, 5]))
-    assert torch.equal(utils.load_task("fashion_all", cfg).test.y, test_y)
+    assert torch.equal(utils.load_task("fashion_all", **configuration.data_options(cfg)).test.y, test_y)
     assert pair.train.x.dtype == torch.float32 and pair.train.x.shape[1:] == (1, 28, 28)
     assert 0 <= float(pair.train.x.min()) and float(pair.train.x.max()) == 1.0
 
 
 def test_task_whose_class_is_absent(tmp_path, make_kaggle, monkeypatch):
     make_kaggle(tmp_path, "mnist", 10, 3, classes=range(6))
-    with pytest.raises(utils.UserError, match="task 'mnist7'"):
-        utils.load_task("mnist7", task_cfg(tmp_path))
+    with pytest.raises(UserError, match="task 'mnist7'"):
+        utils.load_task("mnist7", **configuration.data_options(task_cfg(tmp_path)))
     monkeypatch.setitem(utils.TASK_REGISTRY, "bad", utils.Task("mnist", "indicator", (12,)))
-    with pytest.raises(utils.UserError, match="task 'bad'"):
+    with pytest.raises(UserError, match="task 'bad'"):
         utils.get_task("bad")
-    with pytest.raises(utils.UserError, match="unknown task 'nope'"):
+    with pytest.raises(UserError, match="unknown task 'nope'"):
         utils.get_task("nope")
 
 

@@ -12,6 +12,7 @@ import torch
 import torchvision.datasets
 
 import utils
+from configuration import UserError
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -112,13 +113,13 @@ def test_mnist_download_via_torchvision(served, tmp_path, monkeypatch):
 def test_http_404_names_the_url(served, tmp_path, monkeypatch):
     _, url = served  # an empty folder: every file is 404
     data_dir = tmp_path / "data"
-    with pytest.raises(utils.UserError) as err:
+    with pytest.raises(UserError) as err:
         utils.download_dataset("quickdraw", data_dir, quickdraw_url=url)
     assert f"{url}apple.npy" in str(err.value) and "404" in str(err.value)
     assert not (data_dir / "quickdraw" / "full_numpy_bitmap_apple.npy").exists()
 
     monkeypatch.setattr(torchvision.datasets.MNIST, "mirrors", [url])
-    with pytest.raises(utils.UserError, match="download of mnist failed") as err:
+    with pytest.raises(UserError, match="download of mnist failed") as err:
         utils.download_dataset("mnist", data_dir)
     assert url in str(err.value)
 
@@ -126,7 +127,7 @@ def test_http_404_names_the_url(served, tmp_path, monkeypatch):
 def test_dropped_connection_is_an_error(tmp_path, request):
     url = start_server(request, TruncatingHandler)
     data_dir = tmp_path / "data"
-    with pytest.raises(utils.UserError, match="1000 of 100000 bytes") as err:
+    with pytest.raises(UserError, match="1000 of 100000 bytes") as err:
         utils.download_dataset("quickdraw", data_dir, quickdraw_url=url)
     assert f"{url}apple.npy" in str(err.value)
     assert not list((data_dir / "quickdraw").iterdir())  # nothing half-written is left

@@ -14,11 +14,12 @@ import pandas as pd
 import pytest
 import torch
 
+import configuration
 import executor
 import model_FUSE
 import prune_transform
 import train_task
-import utils
+from configuration import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"  # the bundled sample
@@ -108,15 +109,15 @@ def test_ray_retries_a_unit_whose_worker_died_runs_the_units_that_a_done_submits
         return "second attempt"
 
     def bad_input():
-        raise utils.UserError("this unit's input is bad")
+        raise UserError("this unit's input is bad")
 
-    cfg = utils.configure(vars(prune_transform), [f"--CKPT_DIR={tmp_path}", *RAY])
-    ex = executor.Ray(cfg, torch.device("cpu"), utils.start_run("test", cfg, torch.device("cpu")))
+    cfg = configuration.configure(vars(prune_transform), [f"--CKPT_DIR={tmp_path}", *RAY])
+    ex = executor.Ray(cfg, torch.device("cpu"), configuration.start_run("test", cfg, torch.device("cpu")))
     try:  # units defined here go to the workers by value (this test module is not shipped)
         assert ex.run([ex.submit("dies once", dies_once, str(tmp_path / "died"))], "units",
                       lambda name, result: result) == ["second attempt"]
         assert follow_ups(ex) == ([2, 3, 4], [])
-        with pytest.raises(utils.UserError, match="this unit's input is bad"):
+        with pytest.raises(UserError, match="this unit's input is bad"):
             ex.run([ex.submit("bad", bad_input)], "units", lambda name, result: result)
     finally:
         ex.close()

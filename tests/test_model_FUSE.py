@@ -10,9 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
+import configuration
 import executor
 import model_FUSE
+import training
 import utils
+from configuration import UserError
 from models import FuseMixture, Genotype, build_network, count_parameters, sample_genotype, standard_space
 
 
@@ -26,7 +29,7 @@ def _one_thread():
 
 
 def config(*extra):
-    return utils.configure(vars(model_FUSE), ["--PRESET=smoke", "--DEVICE=cpu", *extra])
+    return configuration.configure(vars(model_FUSE), ["--PRESET=smoke", "--DEVICE=cpu", *extra])
 
 
 def brightness_splits(n_train=96, n_val=48, seed=0):
@@ -133,7 +136,7 @@ def test_mixture_step_matches_one_backward_through_the_mixture():
         mixtures.append(mix)
     train = brightness_splits(16)[0]
     losses = []
-    for mix, step in zip(mixtures, (utils.train_step, model_FUSE.mixture_step)):
+    for mix, step in zip(mixtures, (training.train_step, model_FUSE.mixture_step)):
         optimizer = torch.optim.SGD(mix.candidate_parameters(), lr=0.1)
         loss_fn = torch.nn.functional.cross_entropy
         losses.append([float(step(mix, optimizer, train.x, train.y, loss_fn)) for _ in range(3)])
@@ -239,7 +242,7 @@ def write_closest(ckpt_dir, closest, data_dir, name="closest.json", **changes):
     """A closest list as step 2 writes it for this data (its seed, split and the targets' fingerprints)."""
     cfg = config(f"--DATA_DIR={data_dir}", "--TRAIN_LIMIT=64")
     payload = {"config": {"SEED": cfg.SEED, "VAL_FRACTION": cfg.VAL_FRACTION, "PRECISION": cfg.PRECISION}, "k": 2, "closest": closest,
-               "data": {t: utils.load_task(t, cfg).fingerprint for t in closest if t in utils.TASK_REGISTRY}}
+               "data": {t: utils.load_task(t, **configuration.data_options(cfg)).fingerprint for t in closest if t in utils.TASK_REGISTRY}}
     payload.update(changes)
     path = Path(ckpt_dir) / "distances" / name
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -257,10 +260,10 @@ def run(run_script):
 
 
 def test_missing_distances_name_the_step_2_command(data_dir, tmp_path, run):
-    with pytest.raises(utils.UserError, match=r"missing.*python prune_transform.py --TARGETS=\"\['sandal'\]\""):
+    with pytest.raises(UserError, match=r"missing.*python prune_transform.py --TARGETS=\"\['sandal'\]\""):
         run(data_dir, tmp_path)
     write_closest(tmp_path, {"boot": SANDAL["sandal"]}, data_dir)
-    with pytest.raises(utils.UserError, match=r"no distances to target 'sandal'.*"
+    with pytest.raises(UserError, match=r"no distances to target 'sandal'.*"
                                               r"prune_transform.py --TARGETS=\"\['boot', 'sandal'\]\" "
                                               r"--PRESET=smoke"):
         run(data_dir, tmp_path)
@@ -275,7 +278,7 @@ def test_missing_distances_name_the_step_2_command(data_dir, tmp_path, run):
 ])
 def test_distances_from_other_settings_or_data_are_refused(data_dir, tmp_path, run, changes, shown):
     write_closest(tmp_path, SANDAL, data_dir, **changes)
-    with pytest.raises(utils.UserError, match=shown) as err:
+    with pytest.raises(UserError, match=shown) as err:
         run(data_dir, tmp_path)
     assert "remake it with: python prune_transform.py" in str(err.value)
     assert not (tmp_path / "search").exists()  # refused before any work
@@ -290,7 +293,7 @@ def test_bad_genotype_file_lists_the_valid_ops(data_dir, tmp_path, genotype, sho
     path = tmp_path / "search" / "dictionary" / "trouser.json"
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"task": "trouser", "genotype": genotype}))
-    with pytest.raises(utils.UserError) as err:
+    with pytest.raises(UserError) as err:
         run(data_dir, tmp_path, "--ROWS=['fuse_task_aware']")
     assert str(path) in str(err.value) and shown in str(err.value)
     assert all(op in str(err.value) for op in standard_space(3)[0])
@@ -305,7 +308,7 @@ def write_genotypes(ckpt_dir, given):
 
 def test_the_fisher_closest_list_makes_the_space_when_chosen(data_dir, tmp_path, run):
     write_closest(tmp_path, SANDAL, data_dir)
-    with pytest.raises(utils.UserError, match=r"fisher_closest.json is missing.*--DISTANCE=fisher"):
+    with pytest.raises(UserError, match=r"fisher_closest.json is missing.*--DISTANCE=fisher"):
         run(data_dir, tmp_path, "--DISTANCE=fisher")
     fisher = {"sandal": [{"task": "dress", "distance": 0.12}, {"task": "trouser", "distance": 0.2},
                          {"task": "tshirt", "distance": 0.3}]}
@@ -347,8 +350,8 @@ class SpiedSplit:
 def test_main_smoke_writes_table_and_plots_and_never_searches_on_test(data_dir, tmp_path, monkeypatch, run):
     write_closest(tmp_path, SANDAL, data_dir)
     reads, load_task = [], utils.load_task
-    def spied_load_task(name, cfg, log=None):
-        data = load_task(name, cfg, log)
+    def spied_load_task(name, *args, **kwargs):
+        data = load_task(name, *args, **kwargs)
         return dataclasses.replace(data, **{s: SpiedSplit(getattr(data, s), reads, f"{name}.{s}")
                                             for s in ("train", "val", "test")})
     monkeypatch.setattr(utils, "load_task", spied_load_task)
@@ -439,7 +442,7 @@ def test_the_paired_interval_carries_the_spread_between_seeds():
 
 
 def test_the_cpu_preset_searches_networks_of_at_least_a_fifth_of_a_million_parameters():
-    cfg = utils.configure(vars(model_FUSE), ["--PRESET=cpu"])
+    cfg = configuration.configure(vars(model_FUSE), ["--PRESET=cpu"])
     sizes = [count_parameters(build_network(sample_genotype(standard_space(cfg.NODES), random.Random(s), cfg.NODES,
                                                             cfg.C, cfg.N), 2)) for s in range(60)]
     assert min(sizes) >= 200_000

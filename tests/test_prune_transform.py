@@ -9,10 +9,15 @@ import pandas as pd
 import pytest
 import torch
 
+import configuration
 import executor
+import fisher
 import prune_transform
+import store
 import train_task
+import training
 import utils
+from configuration import UserError
 from models import TransferNet
 
 SOURCES = ["mnist0", "mnist1", "tshirt"]
@@ -113,18 +118,18 @@ def step_performance(monkeypatch, edge, calls=None):
             calls.append(round(sparsity, 6))
         return dict(balanced_accuracy=95.0 if sparsity <= edge else 60.0, accuracy=0, auroc=0, mse=0)
     monkeypatch.setattr(prune_transform, "evaluate", evaluate)
-    monkeypatch.setattr(utils, "train_epoch", lambda *a, **k: 0.0)  # fine-tuning that changes nothing
+    monkeypatch.setattr(training, "train_epoch", lambda *a, **k: 0.0)  # fine-tuning that changes nothing
 
 
-def sweep(*args, level=None):
+def sweep(*args, feasibility=None):
     """A sweep of a patched transfer under the balanced-accuracy rule within 1 point (args may change it)."""
-    cfg = utils.configure(vars(prune_transform), ["--PRUNE_LEVELS=[0.2, 0.4, 0.6, 0.8]",
-                                                  "--PERFORMANCE=balanced_accuracy", "--TOLERANCE=1.0", *args])
+    cfg = configuration.configure(vars(prune_transform), ["--PRUNE_LEVELS=[0.2, 0.4, 0.6, 0.8]",
+                                                          "--PERFORMANCE=balanced_accuracy", "--TOLERANCE=1.0", *args])
     torch.manual_seed(0)
     net = TransferNet()
-    optimizer = utils.adam(prune_transform.ordered_parameters(net), 1e-3, torch.device("cpu"))
+    optimizer = training.adam(prune_transform.ordered_parameters(net), 1e-3, torch.device("cpu"))
     pair = prune_transform.Pair(torch.zeros(10, 1), *[None] * 7)  # only its length is read: training is patched out
-    result = prune_transform.Sweep(net, optimizer, None, pair, cfg, torch.device("cpu"), level=level)
+    result = prune_transform.Sweep(net, optimizer, None, pair, cfg, torch.device("cpu"), feasibility=feasibility)
     result.run()
     return result, cfg
 
@@ -190,18 +195,18 @@ def test_without_feasibility_every_pair_has_its_distance():
 
 def test_feasibility_level_comes_from_the_worst_base_network():
     checkpoints = {name: {"val_balanced_error": e, "val_error": e / 2} for name, e in (("a", 1.0), ("b", 13.0), ("c", 4.0))}
-    cfg = utils.configure(vars(prune_transform), ["--SOURCES=['a', 'b', 'c']", "--PERFORMANCE=balanced_accuracy"])
+    cfg = configuration.configure(vars(prune_transform), ["--SOURCES=['a', 'b', 'c']", "--PERFORMANCE=balanced_accuracy"])
     assert cfg.FEASIBILITY == "2eps" and prune_transform.feasibility_level(checkpoints, cfg) == 74.0
-    cfg = utils.configure(vars(prune_transform), ["--SOURCES=['a', 'b', 'c']", "--PERFORMANCE=balanced_accuracy",
-                                                  "--FEASIBILITY=eps"])
+    cfg = configuration.configure(vars(prune_transform), ["--SOURCES=['a', 'b', 'c']", "--PERFORMANCE=balanced_accuracy",
+                                                          "--FEASIBILITY=eps"])
     assert prune_transform.feasibility_level(checkpoints, cfg) == 87.0
-    cfg = utils.configure(vars(prune_transform), ["--SOURCES=['a', 'c']", "--PERFORMANCE=accuracy", "--FEASIBILITY=eps"])
+    cfg = configuration.configure(vars(prune_transform), ["--SOURCES=['a', 'c']", "--PERFORMANCE=accuracy", "--FEASIBILITY=eps"])
     assert prune_transform.feasibility_level(checkpoints, cfg) == 98.0
-    cfg = utils.configure(vars(prune_transform), ["--FEASIBILITY=none"])
+    cfg = configuration.configure(vars(prune_transform), ["--FEASIBILITY=none"])
     assert prune_transform.feasibility_level(checkpoints, cfg) is None
     for name, auroc in (("a", 0.999), ("b", 0.98), ("c", 0.99)):
         checkpoints[name]["val_auroc"] = auroc
-    cfg = utils.configure(vars(prune_transform), ["--SOURCES=['a', 'b', 'c']", "--PERFORMANCE=auroc"])
+    cfg = configuration.configure(vars(prune_transform), ["--SOURCES=['a', 'b', 'c']", "--PERFORMANCE=auroc"])
     assert prune_transform.feasibility_level(checkpoints, cfg) == pytest.approx(0.96)
 
 
@@ -210,11 +215,11 @@ def test_an_auroc_tolerance_stops_where_the_auroc_falls_by_it(monkeypatch):
     balanced accuracy (50: the head's threshold is off)."""
     monkeypatch.setattr(prune_transform, "evaluate", lambda net, *a: dict(
         auroc=0.99 - 0.008 * prune_transform.pruned_weights(net) / WEIGHTS, balanced_accuracy=50.0, accuracy=0, mse=0))
-    monkeypatch.setattr(utils, "train_epoch", lambda *a, **k: 0.0)
+    monkeypatch.setattr(training, "train_epoch", lambda *a, **k: 0.0)
     result, _ = sweep("--REFINE=0", "--PERFORMANCE=auroc", "--TOLERANCE=0.002")
     assert result.line == pytest.approx(0.988) and result.passing == 0.2 and result.failing == 0.4
-    with pytest.raises(utils.UserError, match="the AUROC is a fraction"):
-        prune_transform.check_config(utils.configure(vars(prune_transform), ["--PERFORMANCE=auroc", "--TOLERANCE=1.0"]))
+    with pytest.raises(UserError, match="the AUROC is a fraction"):
+        prune_transform.check_config(configuration.configure(vars(prune_transform), ["--PERFORMANCE=auroc", "--TOLERANCE=1.0"]))
 
 
 # ----------------------------------------------------------------------------- features
@@ -269,13 +274,13 @@ def test_stop_at_the_level_keeps_pruning_while_the_transfer_stays_above_it(monke
     least 90 (the level) up to 50 % pruned."""
     monkeypatch.setattr(prune_transform, "evaluate", lambda net, *a: dict(
         balanced_accuracy=95.0 - 10 * prune_transform.pruned_weights(net) / WEIGHTS, accuracy=0, auroc=0, mse=0))
-    monkeypatch.setattr(utils, "train_epoch", lambda *a, **k: 0.0)
+    monkeypatch.setattr(training, "train_epoch", lambda *a, **k: 0.0)
     relative, _ = sweep("--REFINE=0")
-    level, _ = sweep("--REFINE=0", "--STOP=level", level=90.0)
+    level, _ = sweep("--REFINE=0", "--STOP=level", feasibility=90.0)
     assert relative.passing == 0.0 and relative.failing == 0.2
     assert level.line == 90.0 and level.passing == 0.4 and level.failing == 0.6
-    with pytest.raises(utils.UserError, match="STOP='level'"):
-        prune_transform.check_config(utils.configure(vars(prune_transform), ["--STOP=level", "--FEASIBILITY=none"]))
+    with pytest.raises(UserError, match="STOP='level'"):
+        prune_transform.check_config(configuration.configure(vars(prune_transform), ["--STOP=level", "--FEASIBILITY=none"]))
 
 
 def test_search_all_fine_tunes_and_measures_every_level_then_bisects_the_crossing(monkeypatch):
@@ -291,17 +296,17 @@ def test_search_all_fine_tunes_and_measures_every_level_then_bisects_the_crossin
 def test_fine_tuning_restarts_the_lr_under_the_schedule(monkeypatch, schedule):
     """After a prune the lr starts again at LR; under cosine it decays to 0 by the end of the fine-tuning."""
     lrs = []
-    monkeypatch.setattr(utils, "train_step", lambda model, optimizer, *a: lrs.append(optimizer.param_groups[0]["lr"]) or 0.0)
+    monkeypatch.setattr(training, "train_step", lambda model, optimizer, *a: lrs.append(optimizer.param_groups[0]["lr"]) or 0.0)
     monkeypatch.setattr(prune_transform, "evaluate", lambda *a: dict(balanced_accuracy=95.0, accuracy=0, auroc=0, mse=0))
-    cfg = utils.configure(vars(prune_transform), [f"--LR_SCHEDULE={schedule}", "--FINETUNE_EPOCHS=2", "--BATCH_SIZE=100"])
+    cfg = configuration.configure(vars(prune_transform), [f"--LR_SCHEDULE={schedule}", "--FINETUNE_EPOCHS=2", "--BATCH_SIZE=100"])
     torch.manual_seed(0)
     net = TransferNet()
-    optimizer = utils.adam(prune_transform.ordered_parameters(net), cfg.LR, torch.device("cpu"))
+    optimizer = training.adam(prune_transform.ordered_parameters(net), cfg.LR, torch.device("cpu"))
     optimizer.param_groups[0]["lr"] = 0.0  # where a cosine training ends
     x = torch.randn(300, net.weight_layers()[0].in_features)
     pair = prune_transform.Pair(x, x, x, x, None, None, None, None)
     sweep_ = prune_transform.Sweep(net, optimizer, torch.Generator().manual_seed(0), pair, cfg, torch.device("cpu"))
-    _, tuned, _ = sweep_.level(0.5, 0.0)
+    _, tuned, _ = sweep_.prune_level(0.5, 0.0)
     assert len(lrs) == 6 and lrs[0] == cfg.LR
     if schedule == "cosine":
         assert lrs == sorted(lrs, reverse=True) and tuned.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
@@ -332,11 +337,11 @@ def test_copy_of_a_base_task_is_closest(full_run):
 
 def test_features_are_the_encoders_float_output_on_the_same_images(setup):
     data, ckpt = setup
-    cfg = utils.configure(vars(prune_transform), [f"--DATA_DIR={data}", f"--CKPT_DIR={ckpt}", *LIMITS])
+    cfg = configuration.configure(vars(prune_transform), [f"--DATA_DIR={data}", f"--CKPT_DIR={ckpt}", *LIMITS])
     device = torch.device("cpu")
-    task = utils.load_task("mnist1", cfg)
-    net, _ = prune_transform.load_network("mnist0", utils.load_task("mnist0", cfg), cfg, device)
-    encoded = prune_transform.features(net.encoder, (task.train.x, task.val.x), 64, "fp32", "raw", device)
+    task = utils.load_task("mnist1", **configuration.data_options(cfg))
+    net, _ = prune_transform.load_network("mnist0", utils.load_task("mnist0", **configuration.data_options(cfg)), cfg, device)
+    encoded = prune_transform.feature_unit(net.encoder, (task.train.x, task.val.x), 64, "fp32", "raw", device)
     train, val = encoded.train, encoded.val
     with torch.inference_mode():
         expected = net.encoder(task.train.x)
@@ -351,23 +356,23 @@ def test_features_are_extracted_once_per_network_and_dataset_and_freed_after_the
     a source's are no longer held once its last pair is done."""
     calls, alive = [], weakref.WeakSet()
 
-    class Features:  # what a features unit returns, weakly referenced to see when it is freed
+    class FeatureSet:  # what a feature unit returns, weakly referenced to see when it is freed
         pass
 
     def extract(encoder, images, batch, precision, mode, device):
         calls.append(encoder)
-        out = Features()
+        out = FeatureSet()
         alive.add(out)
         return out
 
     seen = []
-    monkeypatch.setattr(prune_transform, "features", extract)
+    monkeypatch.setattr(prune_transform, "feature_unit", extract)
     monkeypatch.setattr(prune_transform, "pair_unit", lambda s, t, *a: (seen.append((s, t, len(alive))), ({}, {}))[1])
     split = utils.Split(torch.rand(6, 1, 2, 2), torch.zeros(6, dtype=torch.long))
     data = {n: utils.TaskData(n, utils.get_task(n), split, split, split, "", "") for n in ("mnist0", "mnist1", "mnist2")}
     missing = [(s, "mnist2", {}) for s in ("mnist0", "mnist1")]
     ex = executor.Local(torch.device("cpu"), None)
-    cfg = utils.configure(vars(prune_transform), [])
+    cfg = configuration.configure(vars(prune_transform), [])
     jobs = prune_transform.pair_units(ex, missing, lambda name: SimpleNamespace(encoder=name, head=torch.nn.Identity()),
                                       data, cfg, None)
     ex.run(jobs, "pairs", lambda name, result: result)
@@ -427,9 +432,9 @@ def test_a_retrained_network_invalidates_its_pairs(setup, full_run, tmp_path, mo
     data, _ = setup
     shutil.copytree(full_run[0], tmp_path, dirs_exist_ok=True)
     path = tmp_path / "tasks" / "tshirt.pt"
-    ckpt = utils.read_saved(path)
+    ckpt = store.read_saved(path)
     ckpt["state_dict"]["head.bias"] += 1.0  # as if retrained: same config and data, other weights
-    utils.save_checkpoint(ckpt, path)
+    store.save_checkpoint(ckpt, path)
     calls = []
     original = prune_transform.pair_unit
     monkeypatch.setattr(prune_transform, "pair_unit", lambda source, *a: calls.append(source) or original(source, *a))
@@ -438,7 +443,7 @@ def test_a_retrained_network_invalidates_its_pairs(setup, full_run, tmp_path, mo
 
 
 def test_the_paper_preset_on_a_cpu_first_says_what_it_costs(tmp_path):
-    with pytest.raises(utils.UserError, match="no step-1 network"):
+    with pytest.raises(UserError, match="no step-1 network"):
         prune_transform.main(["--PRESET=paper", f"--DATA_DIR={SAMPLE.parent}", f"--CKPT_DIR={tmp_path}", "--DEVICE=cpu"])
     assert "the paper preset on a CPU: about 7 h (110 pairs, 4 min each" in (
         tmp_path / "logs" / "prune_transform.log").read_text()
@@ -446,7 +451,7 @@ def test_the_paper_preset_on_a_cpu_first_says_what_it_costs(tmp_path):
 
 def test_missing_checkpoint_names_the_step_1_command(setup, tmp_path, run):
     data, _ = setup
-    with pytest.raises(utils.UserError, match=r"no step-1 network for task 'mnist1'.*python train_task.py"):
+    with pytest.raises(UserError, match=r"no step-1 network for task 'mnist1'.*python train_task.py"):
         run(data, tmp_path, ["mnist1"], ["mnist1"])
     assert not (tmp_path / "distances").exists()  # nothing written by the failed run
 
@@ -454,13 +459,13 @@ def test_missing_checkpoint_names_the_step_1_command(setup, tmp_path, run):
 def test_checkpoint_from_other_data_or_model_is_refused(setup, tmp_path, run):
     data, ckpt = setup
     shutil.copytree(ckpt / "tasks", tmp_path / "tasks")
-    with pytest.raises(utils.UserError, match="trained on other data"):
+    with pytest.raises(UserError, match="trained on other data"):
         run(data, tmp_path, ["mnist1"], ["mnist1"], "--VAL_FRACTION=0.2")
     path = tmp_path / "tasks" / "mnist1.pt"
-    state = utils.read_saved(path)
+    state = store.read_saved(path)
     state["state_dict"] = {k: v[:1] for k, v in state["state_dict"].items()}
-    utils.save_checkpoint(state, path)
-    with pytest.raises(utils.UserError, match="does not hold the base CNN"):
+    store.save_checkpoint(state, path)
+    with pytest.raises(UserError, match="does not hold the base CNN"):
         run(data, tmp_path, ["mnist1"], ["mnist1"])
 
 
@@ -470,41 +475,11 @@ def test_checkpoint_from_other_data_or_model_is_refused(setup, tmp_path, run):
                                         ("--PRECISION=fp16", "PRECISION='fp16'")])
 def test_bad_constants_are_refused(setup, tmp_path, run, arg, shown):
     data, ckpt = setup
-    with pytest.raises(utils.UserError, match=shown):
+    with pytest.raises(UserError, match=shown):
         run(data, ckpt, ["mnist1"], ["mnist1"], arg)
 
 
-# ----------------------------------------------------------------------------- the Fisher task distance
-def test_fisher_distance_is_zero_to_itself_bounded_symmetric_and_trace_free():
-    gen = torch.Generator().manual_seed(0)
-    a, b = torch.rand(50, generator=gen), torch.rand(50, generator=gen)
-    assert prune_transform.fisher_distance(a, a) == 0
-    assert prune_transform.fisher_distance(a, 7 * a) == pytest.approx(0, abs=1e-6)  # unit trace first
-    d = prune_transform.fisher_distance(a, b)
-    assert 0 < d < 1 and d == pytest.approx(prune_transform.fisher_distance(b, a))
-    disjoint = torch.cat([torch.ones(5), torch.zeros(5)]), torch.cat([torch.zeros(5), torch.ones(5)])
-    assert prune_transform.fisher_distance(*disjoint) == pytest.approx(1)  # the largest value
-
-
-def test_chunked_vmap_fisher_equals_a_loop_over_single_images():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.ReLU(inplace=True),
-                                torch.nn.Conv2d(2, 2, 3, groups=2), torch.nn.Flatten(), torch.nn.Linear(32, 3))
-    model(torch.randn(16, 1, 8, 8))  # running statistics away from their defaults
-    x, y = torch.randn(7, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2, 2])
-    model.eval()
-    expected = [torch.zeros_like(p) for p in model.parameters()]
-    for xi, yi in zip(x, y):
-        model.zero_grad()
-        torch.nn.functional.cross_entropy(model(xi[None]), yi[None]).backward()
-        for total, p in zip(expected, model.parameters()):
-            total += p.grad.pow(2) / len(x)
-    got = prune_transform.fisher_diagonal(model, x, y, chunk=3)  # the grouped conv by vmap, the rest in closed form
-    torch.testing.assert_close(got, torch.cat([e.flatten() for e in expected]))
-    last = prune_transform.fisher_diagonal(model, x, y, names={"5.weight", "5.bias"}, chunk=3)
-    torch.testing.assert_close(last, torch.cat([expected[-2].flatten(), expected[-1]]))
-
-
+# ----------------------------------------------------------------------------- the Fisher task distance in step 2
 @pytest.fixture(scope="module")
 def fisher_run(setup, full_run, tmp_path_factory, run):
     """The Fisher distance beside the measured transfer distance ("both": the transfer pairs are reused)."""
@@ -530,7 +505,8 @@ def test_fisher_matrix_closest_list_and_agreement(fisher_run):
     assert set(closest["data"]) == set(TARGETS)
     agreement = pd.read_csv(fisher_run / "agreement.csv")
     assert list(agreement["target"]) == TARGETS
-    assert agreement["spearman"].dropna().between(-1, 1).all()  # NaN where one distance ties every source
+    transfer = pd.read_csv(fisher_run / "matrix.csv", index_col=0)
+    pd.testing.assert_frame_equal(agreement, fisher.agreement(transfer, matrix, 3))  # the per-target table of both
     assert list(agreement["closest_3_overlap"]) == [2, 3]  # every other source: K = 3 > the sources here
     assert (fisher_run / "fisher_heatmap.png").stat().st_size > 0
     assert len(list((fisher_run / "fisher").glob("*.json"))) == len(SOURCES) * len(TARGETS)
@@ -540,11 +516,11 @@ def test_networks_trained_alike_are_at_fisher_distance_zero(setup, tmp_path, run
     """Remark 1 of the Fisher task distance: the same seed, data order and task give the same network."""
     data, ckpt = setup
     run_script(train_task, data, tmp_path, "--TASKS=['mnist0']", *LIMITS)
-    cfg = utils.configure(vars(prune_transform), [f"--DATA_DIR={data}", "--FISHER_SAMPLES=100", *LIMITS])
-    task, device = utils.load_task("mnist1", cfg), torch.device("cpu")
+    cfg = configuration.configure(vars(prune_transform), [f"--DATA_DIR={data}", "--FISHER_SAMPLES=100", *LIMITS])
+    task, device = utils.load_task("mnist1", **configuration.data_options(cfg)), torch.device("cpu")
     fishers = []
     for folder in (ckpt, tmp_path):
         cfg.CKPT_DIR = str(folder)
-        network, _ = prune_transform.load_network("mnist0", utils.load_task("mnist0", cfg), cfg, device)
-        fishers.append(prune_transform.task_fisher(network, task, cfg))
-    assert prune_transform.fisher_distance(*fishers) == 0
+        network, _ = prune_transform.load_network("mnist0", utils.load_task("mnist0", **configuration.data_options(cfg)), cfg, device)
+        fishers.append(fisher.task_fisher(network, task, cfg))
+    assert fisher.fisher_distance(*fishers) == 0

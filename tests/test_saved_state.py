@@ -9,13 +9,13 @@ import sys
 import pytest
 import torch
 
-import utils
+import store
 
 
 def test_atomic_write_replaces_whole_files_with_the_umask_permissions(tmp_path):
     path = tmp_path / "sub" / "a.json"
-    utils.write_json(path, {"x": 1})
-    utils.write_json(path, {"x": 2})
+    store.write_json(path, {"x": 1})
+    store.write_json(path, {"x": 2})
     assert json.loads(path.read_text()) == {"x": 2}
     umask = os.umask(0o022)
     os.umask(umask)
@@ -25,12 +25,12 @@ def test_atomic_write_replaces_whole_files_with_the_umask_permissions(tmp_path):
 
 def test_a_failed_write_leaves_the_old_file(tmp_path):
     path = tmp_path / "a.json"
-    utils.write_json(path, {"x": 1})
+    store.write_json(path, {"x": 1})
     def broken(tmp):
         open(tmp, "w").write("{half")
         raise RuntimeError("killed while writing")
     with pytest.raises(RuntimeError):
-        utils.atomic_write(path, broken)
+        store.atomic_write(path, broken)
     assert json.loads(path.read_text()) == {"x": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
 
@@ -41,7 +41,7 @@ def test_temporary_files_of_killed_processes_are_cleaned_up(tmp_path):
     live = tmp_path / f".a.json.{os.getppid()}.tmp"  # a running process: may still be writing
     stale.write_text("{half")
     live.write_text("{half")
-    utils.write_json(tmp_path / "a.json", {"x": 1})
+    store.write_json(tmp_path / "a.json", {"x": 1})
     assert not stale.exists() and live.exists()
 
 
@@ -51,16 +51,16 @@ def test_unreadable_files_are_moved_aside_with_a_warning(tmp_path, caplog, name,
     path = tmp_path / name
     path.write_bytes(content)
     with caplog.at_level(logging.WARNING):
-        assert utils.read_saved(path) is None
+        assert store.read_saved(path) is None
     assert not path.exists() and (tmp_path / f"{name}.corrupt").read_bytes() == content
     assert f"{path} cannot be read" in caplog.text and "moved aside" in caplog.text
 
 
 def test_reuse_needs_the_same_config(tmp_path):
     config = {"SEED": 0, "LEVELS": (0.1, 0.2)}
-    utils.write_json(tmp_path / "a.json", {"config": config, "value": 3})
-    assert utils.load_current(tmp_path / "a.json", config)["value"] == 3  # tuples compare as JSON lists
-    assert utils.load_current(tmp_path / "a.json", dict(config, SEED=1)) is None
-    assert utils.load_current(tmp_path / "missing.json", config) is None
-    utils.save_checkpoint({"config": config, "w": torch.ones(2)}, tmp_path / "b.pt")
-    assert torch.equal(utils.load_current(tmp_path / "b.pt", config)["w"], torch.ones(2))
+    store.write_json(tmp_path / "a.json", {"config": config, "value": 3})
+    assert store.load_current(tmp_path / "a.json", config)["value"] == 3  # tuples compare as JSON lists
+    assert store.load_current(tmp_path / "a.json", dict(config, SEED=1)) is None
+    assert store.load_current(tmp_path / "missing.json", config) is None
+    store.save_checkpoint({"config": config, "w": torch.ones(2)}, tmp_path / "b.pt")
+    assert torch.equal(store.load_current(tmp_path / "b.pt", config)["w"], torch.ones(2))

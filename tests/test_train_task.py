@@ -4,16 +4,20 @@ import shutil
 import pytest
 import torch
 
+import configuration
+import store
 import train_task
+import training
 import utils
-from models import FEATURES, BaseCNN
+from configuration import UserError
+from models import FEATURE_DIM, BaseCNN
 
 
 def test_base_cnn_size_and_features():
     model = BaseCNN(2)
     assert sum(p.numel() for p in model.parameters()) == 25_694_018
     x = torch.rand(3, 1, 28, 28)
-    assert model.encoder(x).shape == (3, FEATURES) == (3, 1024)
+    assert model.encoder(x).shape == (3, FEATURE_DIM) == (3, 1024)
     assert model(x).shape == (3, 2)
     assert BaseCNN(10)(x).shape == (3, 10)
 
@@ -53,12 +57,12 @@ def test_first_run_trains_and_writes_a_checkpoint(first_run, data_dir):
     model = BaseCNN(2)
     model.load_state_dict(ckpt["state_dict"])
     assert ckpt["config"]["LR"] == 1e-3 and ckpt["config"]["TRAIN_LIMIT"] == 128
-    assert not set(ckpt["config"]) & utils.NON_RESULT_KEYS
+    assert not set(ckpt["config"]) & configuration.NON_RESULT_KEYS
     assert {"train_loss", "val_error", "test_error", "test_balanced_error", "test_auroc"} <= set(ckpt["metrics"])
-    assert utils.read_saved(ckpt_dir / "tasks" / "mnist0.pt")["data_fingerprint"] == ckpt["data_fingerprint"]
+    assert store.read_saved(ckpt_dir / "tasks" / "mnist0.pt")["data_fingerprint"] == ckpt["data_fingerprint"]
     # the reported metrics are those of the saved network on the task's splits
-    cfg = utils.configure(vars(train_task), [f"--DATA_DIR={data_dir}", "--PRESET=smoke", "--TRAIN_LIMIT=128"])
-    recomputed = utils.evaluate(train_task.network_from(ckpt), utils.load_task("mnist0", cfg))
+    cfg = configuration.configure(vars(train_task), [f"--DATA_DIR={data_dir}", "--PRESET=smoke", "--TRAIN_LIMIT=128"])
+    recomputed = training.evaluate(train_task.network_from(ckpt), utils.load_task("mnist0", **configuration.data_options(cfg)))
     assert recomputed == {k: v for k, v in ckpt["metrics"].items() if k != "train_loss"}
     assert table.loc["mnist0", "test_error"] == recomputed["test_error"]
 
@@ -95,9 +99,9 @@ def test_resume_skips_and_changes_retrain(first_run, data_dir, tmp_path, make_ka
 
 
 def test_bad_config_is_a_user_error(data_dir, tmp_path, run):
-    with pytest.raises(utils.UserError, match="unknown task 'mnist10'"):
+    with pytest.raises(UserError, match="unknown task 'mnist10'"):
         run(data_dir, tmp_path, "--TASKS=['mnist10']")
-    with pytest.raises(utils.UserError, match="unknown constant 'EPOCH'"):
+    with pytest.raises(UserError, match="unknown constant 'EPOCH'"):
         run(data_dir, tmp_path, "--EPOCH=2")
 
 
