@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))  # the repo's modules, when this runs as a script
 
 import configuration  # noqa: E402
 import prune_transform  # noqa: E402
+import reporting  # noqa: E402
 import store  # noqa: E402
 import utils  # noqa: E402
 
@@ -362,8 +363,7 @@ def matrix_criteria(folders, out):
         copy_columns = [t for t in matrix.columns if is_copy(t)]
         own = matrix.drop(columns=copy_columns)
         own.to_csv(out / f"{name}.csv", float_format="%.4f")
-        prune_transform.plot_heatmap(own, out / f"{name}.png", f"d(source → target), transfer seed {i}; "
-                                     "hatched: infeasible")
+        reporting.plot_heatmap(own, out / f"{name}.png", f"d(source → target), transfer seed {i}; hatched: infeasible")
         if copy_columns:
             matrix[copy_columns].to_csv(out / f"{name}_copies.csv", float_format="%.4f")
     criteria.to_csv(out / "distance_matrix_criteria.csv", index=False, float_format="%.4g")

@@ -38,6 +38,21 @@ def test_an_edited_constant_reaches_each_script():
         assert getattr(configuration.configure(namespace, []), name) == value
 
 
+def test_the_constants_are_the_block_from_preset_to_presets(monkeypatch):
+    """Names above PRESET or below PRESETS are not settings: not overridable, not part of any resume key."""
+    import model_FUSE
+    import train_task
+    for module, outside in ((train_task, "CPU_MINUTES_PER_TASK"), (model_FUSE, "ALL_THREADS"),
+                            (model_FUSE, "SEARCH_KEYS")):
+        with pytest.raises(UserError, match=f"unknown constant '{outside}'"):
+            configuration.configure(vars(module), [f"--{outside}=1"])
+    before = configuration.result_config(configuration.configure(vars(train_task), []))
+    monkeypatch.setattr(train_task, "CPU_MINUTES_PER_TASK", 99.0)  # a cost estimate edited
+    assert configuration.result_config(configuration.configure(vars(train_task), [])) == before
+    names = list(configuration.constants(vars(train_task)))
+    assert names[0] == "PRESET" and names[-1] == "GPUS_PER_UNIT" and "EPOCHS" in names
+
+
 def test_every_preset_names_constants_of_its_script():
     import model_FUSE
     import prune_transform
@@ -128,10 +143,14 @@ def test_result_config_excludes_run_only_keys():
     assert configuration.result_config(other) == config
 
 
+@pytest.mark.parametrize("cuda, mps, expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_auto_prefers_cuda_then_mps_then_the_cpu(monkeypatch, cuda, mps, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert configuration.get_device("auto") == torch.device(expected)
+
+
 def test_get_device():
-    expected = ("cuda" if torch.cuda.is_available() else
-                "mps" if torch.backends.mps.is_available() else "cpu")
-    assert configuration.get_device("auto").type == expected
     assert configuration.get_device("cpu") == torch.device("cpu")
     with pytest.raises(UserError, match="not a device name"):
         configuration.get_device("gpu0")

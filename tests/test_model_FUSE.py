@@ -416,31 +416,6 @@ def test_random_search_gets_the_budget_of_the_standard_fuse_search(data_dir, tmp
     assert trials == fuse and len(trials) == 2 * 2 and sum(trials) == 2 * 2 * 2 * 2
 
 
-def test_paired_difference_on_the_same_test_images():
-    # 10 images; the reference gets 1 and 2 wrong (seeds 0, 1), the row 1, 2, 3 and 1, 4
-    reference = {"test_images": 10, "test_wrong": [[1, 2], [1, 2]]}
-    row = {"test_images": 10, "test_wrong": [[1, 2, 3], [1, 4]]}
-    diff, low, high = model_FUSE.paired_difference(row, reference)
-    # per image: image 2 (0.5 - 1), image 3 (+0.5), image 4 (+0.5): a mean of +0.05, i.e. 5 points
-    assert diff == pytest.approx(5.0)
-    assert low < diff < high and low <= 0  # 3 of 10 images differ: not significant
-    same = model_FUSE.paired_difference(reference, reference)
-    assert same == (0.0, 0.0, 0.0)
-    worse = {"test_images": 1000, "test_wrong": [list(range(100))]}
-    better = {"test_images": 1000, "test_wrong": [list(range(10))]}
-    diff, low, high = model_FUSE.paired_difference(worse, better)
-    assert diff == pytest.approx(9.0) and 7 < low < 9 < high < 11  # 90 more of 1,000 wrong: significant
-
-
-def test_the_paired_interval_carries_the_spread_between_seeds():
-    # seeds at 1 % and 5 % error for the reference, 2 % and 6 % for the row: +1 point on average, but one seed
-    # of the row (2 %) is better than one of the reference (5 %)
-    reference = {"test_images": 1000, "test_wrong": [list(range(10)), list(range(50))]}
-    row = {"test_images": 1000, "test_wrong": [list(range(20)), list(range(60))]}
-    diff, low, high = model_FUSE.paired_difference(row, reference)
-    assert diff == pytest.approx(1.0) and low < -2 and high > 3  # resampling the images alone gives [+0.60, +1.45]
-
-
 def test_the_cpu_preset_searches_networks_of_at_least_a_fifth_of_a_million_parameters():
     cfg = configuration.configure(vars(model_FUSE), ["--PRESET=cpu"])
     sizes = [count_parameters(build_network(sample_genotype(standard_space(cfg.NODES), random.Random(s), cfg.NODES,
