@@ -72,7 +72,8 @@ def constants(namespace):
     if "PRESET" not in names or "PRESETS" not in names:
         raise ValueError("a script's constants block starts with PRESET and ends before PRESETS")
     block = names[names.index("PRESET"):names.index("PRESETS")]
-    return {k: namespace[k] for k in block if k.isupper() and isinstance(namespace[k], (bool, int, float, str, list, tuple))}
+    settings = (bool, int, float, str, list, tuple)
+    return {k: namespace[k] for k in block if k.isupper() and isinstance(namespace[k], settings)}
 
 
 def configure(namespace, argv=None):
@@ -221,9 +222,10 @@ def start_run(script, cfg, device):
 
 
 def warn_paper_on_cpu(cfg, device, log, projection):
-    """Before a paper-preset run on a CPU: say what it is projected to cost (README, Performance)."""
+    """Before a paper-preset run on a CPU: say what it is projected to cost (docs/performance.md)."""
     if cfg.PRESET == "paper" and device.type == "cpu":
-        log.warning("warning: the paper preset on a CPU: %s, projected from the 2-core CPU figures of README.md "
+        log.warning("warning: the paper preset on a CPU: %s, projected from the 2-core CPU figures of "
+                    "docs/performance.md "
                     "(Performance). Stop with Ctrl-C if that is too long: finished units are kept and a rerun "
                     "resumes; or run on a GPU (DEVICE=auto picks one).", projection)
 

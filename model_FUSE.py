@@ -103,7 +103,7 @@ THREADS = 1               # CPU threads of the searched networks (0 = torch's de
                           # though the last bits of results may depend on it)
 EXECUTOR = "local"        # where the units (a search, a random search, a row retrained with one seed) run: "local"
                           # (here, one after another) or "ray"
-RAY_ADDRESS = ""          # with "ray": "" starts Ray on this machine; else a cluster's address (README, Scaling out)
+RAY_ADDRESS = ""          # with "ray": "" starts Ray on this machine; else a cluster's address (docs/scaling-out.md)
 CPUS_PER_UNIT = 1         # with "ray": CPU threads of each unit ...
 GPUS_PER_UNIT = 0         # ... and its GPUs (1 on a GPU machine: one unit per GPU)
 
@@ -113,10 +113,10 @@ PRESETS = {
     "paper": dict(TRAIN_LIMIT=0, EVAL_LIMIT=0, SEARCH_LIMIT=0, FINAL_LIMIT=0, NODES=3, C=64, N=3, CANDIDATES=3,
                   ROUNDS=10, BASE_ROUNDS=10, W_EPOCHS=5, ALPHA_EPOCHS=5, MAX_ALTERNATIONS=5, BATCH_SIZE=128,
                   FINAL_EPOCHS=10, FINAL_SEEDS=[0, 1, 2], REDUCED_ROWS=[], THREADS=0),
-    # full data on a 2-core CPU (the README's step-3 tables), both held-out targets in about 2 hours: networks of at
-    # least 0.2 M parameters (C = 28, N = 1: 0.22-0.68 M over 60 sampled genotypes) searched on 2,000 training
-    # images, one round per base task, rows retrained on 2,500 images (the reduced ones on 500: DenseNet-161's
-    # scoring on the 10,000 test images alone takes 8 CPU-minutes a seed) and scored on the whole test split
+    # full data on a 2-core CPU (results/search_sandal, results/search_mnist7), both held-out targets in about 2
+    # hours: networks of at least 0.2 M parameters (C = 28, N = 1: 0.22-0.68 M over 60 sampled genotypes) searched
+    # on 2,000 training images, one round per base task, rows retrained on 2,500 images (the reduced ones on 500:
+    # DenseNet-161's scoring on the 10,000 test images alone takes 8 CPU-minutes a seed), scored on the whole test split
     "cpu": dict(TRAIN_LIMIT=0, EVAL_LIMIT=0, SEARCH_LIMIT=2000, C=28, N=1, ROUNDS=3, BASE_ROUNDS=1, MAX_ALTERNATIONS=3,
                 FINAL_EPOCHS=3, FINAL_LIMIT=2500, FINAL_SEEDS=[0, 1, 2], REDUCED_ROWS=["resnet34", "densenet161"],
                 REDUCED_EPOCHS=1, REDUCED_LIMIT=500),
@@ -666,7 +666,8 @@ def search_summary(ranked, searches, out, cfg, log):
             trials = len(store.read_saved(out / "random.json")["trials"])
             lines.append(line(f"random search ({trials} trials)", None, result["genotype"], result["seconds"]))
         else:
-            lines.append(line(f"{key.replace('_', '-')} space", result["rounds"], result["genotype"], result["seconds"]))
+            label = f"{key.replace('_', '-')} space"
+            lines.append(line(label, result["rounds"], result["genotype"], result["seconds"]))
     table = pd.DataFrame(lines)
     text = reporting.write_frame(table, out / "searches")
     log.info("searches for %s (%s/searches.csv, searches.md):\n%s", cfg.TARGET, out, text)
@@ -690,7 +691,8 @@ class TargetUnits:
     submits the units that waited for it."""
 
     def __init__(self, ex, tasks, data, ranked, out, cfg, log):
-        self.ex, self.tasks, self.data, self.ranked, self.out, self.cfg, self.log = ex, tasks, data, ranked, out, cfg, log
+        self.ex, self.tasks, self.data, self.ranked = ex, tasks, data, ranked
+        self.out, self.cfg, self.log = out, cfg, log
         self.target = data[cfg.TARGET]
         self.found, self.searches, self.runs, self.configs, self.then, self.jobs = {}, {}, {}, {}, {}, []
 

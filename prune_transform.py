@@ -3,7 +3,8 @@
 python prune_transform.py [--NAME=value ...]; reads step 1's CKPT_DIR/tasks/<task>.pt and writes
 CKPT_DIR/distances/: pairs/<source>__<target>.json (distance, feasibility and pruning curve of each
 pair), transfer/<source>__<target>.pt (the sparsest transfer net that kept performance), matrix.csv
-(rows source, columns target; infeasible pairs empty), matrix_measured.csv (with the measured
+(rows source, columns target; infeasible pairs empty), networks.csv (the step-1 networks behind them: metrics
+and a hash of the weights), matrix_measured.csv (with the measured
 self-transfers on the diagonal), heatmap.png, pruning_curves.png and closest.json (for each target,
 the sources sorted by distance, infeasible ones last).
 With DISTANCE = "fisher" or "both" it writes the Fisher task distance beside it: fisher/<source>__<target>.json,
@@ -55,10 +56,10 @@ TRANSFER_EPOCHS = 10      # paper: MSE, Adam, lr 1e-3, batch 200, 10 epochs
 BATCH_SIZE = 200
 LR = 1e-3
 LR_SCHEDULE = "cosine"    # cosine: decays to 0 over the training, so it ends at a settled net; constant: the
-                          # released code's (its last step can land on a spike: README, interpretation 5)
+                          # released code's (its last step can land on a spike: docs/interpretations.md)
 PERFORMANCE = "auroc"     # what "keeps performance" means, from B's own head on the transferred features: auroc
                           # (a fraction: blind to the majority class and to a pruned net's calibration shift; graded,
-                          # valid and stable in the distance study, with the widest margins: README, Step 2) |
+                          # valid and stable in the distance study, with the widest margins: results/distance_study) |
                           # balanced_accuracy | accuracy (in %); or "probe": the balanced accuracy of a linear
                           # classifier trained afresh on them (the released code's check)
 PROBE_EPOCHS = 10         # training of that fresh probe (released code: 50)
@@ -97,7 +98,7 @@ EVAL_BATCH = 1024         # rows per forward pass when extracting features (spee
                           # step 2's peak memory by 0.4 GB)
 EXECUTOR = "local"        # where the units (a pair, a network's features on a dataset) run: "local" (here, one after
                           # another) or "ray"
-RAY_ADDRESS = ""          # with "ray": "" starts Ray on this machine; else a cluster's address (README, Scaling out)
+RAY_ADDRESS = ""          # with "ray": "" starts Ray on this machine; else a cluster's address (docs/scaling-out.md)
 CPUS_PER_UNIT = 1         # with "ray": CPU threads of each unit ...
 GPUS_PER_UNIT = 0         # ... and its GPUs (1 on a GPU machine: one unit per GPU)
 
@@ -117,8 +118,9 @@ FISHER_KEYS = frozenset({"SEED", "VAL_FRACTION", "TRAIN_LIMIT", "FISHER_SAMPLES"
 CHOICES = {"FEATURES": ("standardized", "raw", "uint8"), "LR_SCHEDULE": ("constant", "cosine"),
            "PERFORMANCE": ("balanced_accuracy", "accuracy", "auroc", "probe"), "FEASIBILITY": ("2eps", "eps", "none"),
            "STOP": ("relative", "level"), "SCHEDULE": ("oneshot", "iterative"), "SEARCH": ("bisect", "all"),
-           "PRECISION": training.PRECISIONS, "DISTANCE": ("transfer", "fisher", "both"), "FISHER_PARAMS": ("all", "last")}
-CPU_MINUTES_PER_PAIR = 4  # a full-data pair: 2,700 training steps and its pruning sweep at 2 threads (docs/performance.md)
+           "PRECISION": training.PRECISIONS, "DISTANCE": ("transfer", "fisher", "both"),
+           "FISHER_PARAMS": ("all", "last")}
+CPU_MINUTES_PER_PAIR = 4  # a full-data pair: 2,700 training steps and its pruning sweep, 2 threads (docs/performance.md)
 
 
 def check_config(cfg):
@@ -489,15 +491,31 @@ def pair_name(source, target):
     return f"{source}__{target}"
 
 
-def network_id(name, cfg, cache={}):
-    """(weights hash, data fingerprint) of step 1's network of a task, or None without a readable one.
-    A pair is reused only while both of its networks are the ones it was measured with."""
+def network_facts(name, cfg, cache={}):
+    """Step 1's network of a task as step 2 records it: the hash of its weights, its data fingerprint and its
+    metrics; None without a readable checkpoint. Read once per version of the file (the network is not kept)."""
     path = Path(train_task.checkpoint_path(cfg.CKPT_DIR, name))
     key = (str(path), path.stat().st_mtime_ns if path.exists() else None)
     if key not in cache:
         ckpt = store.read_saved(path)
-        cache[key] = None if not ckpt else (store.fingerprint(*ckpt["state_dict"].values()), ckpt["data_fingerprint"])
+        cache[key] = None if not ckpt else dict(weights=store.fingerprint(*ckpt["state_dict"].values()),
+                                                data=ckpt["data_fingerprint"], **ckpt["metrics"])
     return cache[key]
+
+
+def network_id(name, cfg):
+    """(weights hash, data fingerprint) of a task's step-1 network, or None: a pair is reused only while both of
+    its networks are the ones it was measured with."""
+    facts = network_facts(name, cfg)
+    return None if facts is None else (facts["weights"], facts["data"])
+
+
+def write_networks(results, cfg, out):
+    """networks.csv: every step-1 network behind the pairs (sources and targets), with its metrics and the hash of
+    its weights, so that a copied results folder says which networks it was measured with."""
+    tasks = dict.fromkeys(name for r in results for name in (r["source"], r["target"]))
+    table = pd.DataFrame([dict(task=t, **network_facts(t, cfg)) for t in tasks])
+    store.atomic_write(out / "networks.csv", lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g"))
 
 
 def pair_config(config, source, target, cfg):
@@ -506,7 +524,8 @@ def pair_config(config, source, target, cfg):
 
 
 def each_pair(folder, config, pairs, cfg, log, measure):
-    """Every (source, target) of `pairs`' result, in that order: read back from folder/<source>__<target>.json when it was saved
+    """Every (source, target) of `pairs`' result, in that order: read back from folder/<source>__<target>.json when it
+    was saved
     with these settings and networks, else measured by measure(missing), which saves them (missing: their
     (source, target, config), in order; it returns their results in that order). Then the pairs of SOURCES that
     earlier runs saved there for other targets, still valid: they stay in the matrix and in the closest lists."""
@@ -543,7 +562,8 @@ def measured_matrix(frame, cfg, values):
 def write_closest(path, frame, closest, cfg, **about):
     """A closest list (per target, its sources nearest first) with what step 3 checks it against."""
     data = {t: frame[frame.target == t].iloc[0]["config"]["target_data"] for t in closest}
-    store.write_json(path, dict(config=configuration.result_config(cfg, ("K",)), k=cfg.K, **about, data=data, closest=closest))
+    store.write_json(path, dict(config=configuration.result_config(cfg, ("K",)), k=cfg.K, **about, data=data,
+                                closest=closest))
 
 
 def tied_at_k(ranked, k):
@@ -624,7 +644,8 @@ def pair_units(ex, missing, network, data, cfg, feasibility):
         return ex.submit(f"features of {name} on {dataset}", feature_unit, encoder(name), images(dataset),
                          cfg.EVAL_BATCH, cfg.PRECISION, cfg.FEATURES, ex.device)
 
-    return [ex.submit(f"{s} → {t}", pair_unit, s, t, c, feats(s, data[t].task.dataset), feats(t, data[t].task.dataset),
+    return [ex.submit(f"{s} → {t}", pair_unit, s, t, c, feats(s, data[t].task.dataset),
+                      feats(t, data[t].task.dataset),
                       head(t), data[t].train.y, data[t].val.y, cfg, ex.device, feasibility) for s, t, c in missing]
 
 
@@ -641,7 +662,8 @@ def fisher_pairs(network, data, cfg, out, device, log):
             tasks, net = ex.share(lambda: data), functools.cache(lambda name: ex.share(network, name))
             own = {t: ex.submit(f"F of {t}", fisher.own_fisher, t, net(t), tasks, cfg, ex.device)  # once per target
                    for t in dict.fromkeys(t for s, t, _ in missing if s != t)}
-            jobs = [ex.submit(f"d_F({s} → {t})", fisher.fisher_unit, s, t, c, net(s), tasks, own.get(t), cfg, ex.device)
+            jobs = [ex.submit(f"d_F({s} → {t})", fisher.fisher_unit, s, t, c, net(s), tasks, own.get(t), cfg,
+                              ex.device)
                     for s, t, c in missing]
             del own, net  # a target's F is held by its pending units only
             return ex.run(jobs, "Fisher pairs", done)
@@ -659,8 +681,9 @@ def write_fisher_outputs(results, transfer, cfg, out, log):
     store.atomic_write(out / "fisher_matrix.csv", lambda tmp: matrix.to_csv(tmp, float_format="%.4f"))
     reporting.plot_heatmap(matrix, out / "fisher_heatmap.png", "Fisher task distance d_F(source → target)",
                            norm=Normalize(vmin=0.0, vmax=1.0), label="d_F(A → B)", digits=3)
-    closest = {t: [dict(task=s, distance=float(matrix.at[s, t]), feasible=True)
-                   for s in matrix[t].drop(t, errors="ignore").sort_values(kind="stable").index] for t in matrix.columns}
+    ranked = {t: matrix[t].drop(t, errors="ignore").sort_values(kind="stable").index for t in matrix.columns}
+    closest = {t: [dict(task=s, distance=float(matrix.at[s, t]), feasible=True) for s in sources]
+               for t, sources in ranked.items()}
     write_closest(out / "fisher_closest.json", frame, closest, cfg, distance="fisher")
     log.info("Fisher task distance, rows = source A, columns = target B (%s):\n%s", out / "fisher_matrix.csv",
              matrix.to_string(float_format="{:.4f}".format))
@@ -681,10 +704,11 @@ def main(argv=None):
     out = Path(cfg.CKPT_DIR) / "distances"
     start = time.perf_counter()
     # check every network before any work, so a missing one fails at once and writes nothing
-    data = {name: utils.load_task(name, **configuration.data_options(cfg), log=log) for name in dict.fromkeys(cfg.SOURCES + cfg.TARGETS)}
+    data = {name: utils.load_task(name, **configuration.data_options(cfg), log=log)
+            for name in dict.fromkeys(cfg.SOURCES + cfg.TARGETS)}
     metrics = {name: load_network(name, data[name], cfg, device)[1]["metrics"] for name in data}
     network = lambda name: load_network(name, data[name], cfg, torch.device("cpu"))[0]  # when needed: 103 MB each
-    results = []
+    results, fisher_results = [], []
     if cfg.DISTANCE != "fisher":
         with configuration.stage(log, "transfer distances"):
             results = transfer_pairs(network, metrics, data, cfg, out, device, log)
@@ -693,6 +717,7 @@ def main(argv=None):
         with configuration.stage(log, "Fisher distances"):
             fisher_results = fisher_pairs(network, data, cfg, out, device, log)
         write_fisher_outputs(fisher_results, results, cfg, out, log)
+    write_networks(results + fisher_results, cfg, out)
     log.info("total wall-clock %.1f s", time.perf_counter() - start)
     return results
 

@@ -32,7 +32,7 @@ LR = 1e-3               # paper: Adam, lr 1e-3
 PRECISION = "fp32"      # fp32 | bf16: forward passes under torch.autocast (weights and metrics stay fp32)
 EVAL_BATCH = 1000       # images per forward pass when evaluating (speed only)
 EXECUTOR = "local"      # where the units (one task each) run: "local" (here, one after another) or "ray"
-RAY_ADDRESS = ""        # with "ray": "" starts Ray on this machine; else a cluster's address (README, Scaling out)
+RAY_ADDRESS = ""        # with "ray": "" starts Ray on this machine; else a cluster's address (docs/scaling-out.md)
 CPUS_PER_UNIT = 1       # with "ray": CPU threads of each unit ...
 GPUS_PER_UNIT = 0       # ... and its GPUs (1 on a GPU machine: one unit per GPU)
 
@@ -43,7 +43,7 @@ PRESETS = {
 }
 
 
-CPU_MINUTES_PER_TASK = 2.6  # one epoch on 54,000 images at 350 images/s on a 2-core AVX2 CPU (README, Performance)
+CPU_MINUTES_PER_TASK = 2.6  # one epoch on 54,000 images at 350 images/s on a 2-core AVX2 CPU (docs/performance.md)
 
 
 def train_network(data, cfg, device):

@@ -134,7 +134,7 @@ def _missing_message(name, data_dir, spec):
         text += (f" (nor {where}/quickdraw/{quickdraw_file('<class>')} for the classes "
                  f"{', '.join(QUICKDRAW_CLASSES)})")
     return text + (". Put the files there, or run with --DOWNLOAD=True to fetch them "
-                   "(see the Data section of README.md)")
+                   "(see \"Tasks and data\" in README.md and data/README.md)")
 
 
 @dataclass(eq=False)  # hashed by identity: the cache of splits is keyed on the loaded dataset

@@ -35,7 +35,7 @@ def parser(description, sizes):
     p.add_argument("--size", choices=tuple(sizes), default="full",
                    help="smoke: seconds, synthetic or bundled data (the tests); full: the real measurement")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="folder of the full Kaggle CSVs (full size)")
-    p.add_argument("--out", default=str(RESULTS), help="folder the CSV is written to")
+    p.add_argument("--out", help=f"folder the CSV is written to (default: the size's, else {RESULTS})")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--repeats", type=int, help="timed repeats of each variant (after one warm-up)")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "both"), default="auto",
@@ -51,6 +51,7 @@ def parse(p, argv):
     for name, value in args.sizes[args.size].items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
+    args.out = args.out or str(RESULTS)
     args.smoke = args.size == "smoke"
     args.device = configuration.get_device(args.device)
     return args

@@ -3,9 +3,9 @@ order the units depend on (a projection: no run of this size was made).
 
 python benchmarks/project_scaleout.py [--workers=1,8,64] [--round-hours=10] [--pair-minutes=4]
 
-Each unit takes one worker (a 2-core CPU like the README's reference machine) for its cost; a unit starts once
+Each unit takes one worker (a 2-core CPU like the reference machine of docs/performance.md) for its cost; a unit starts once
 the units it needs are done; free workers take the ready unit with the longest remaining path first. Costs
-(README, Performance), per unit on the reference machine in fp32:
+(docs/performance.md), per unit on the reference machine in fp32:
   step 1  a task: one epoch on 54,000 images and its evaluation, 90 s
   step 2  a network's features on a dataset: 25 s; a pair: --pair-minutes (training, 67 s, and its sweep)
   step 3  a FUSE round at C = 64, N = 3: --round-hours (10 h at the matmul roofline when every round runs 5

@@ -167,7 +167,7 @@ def search_in(folder, cfg, rounds=3, task="synthetic"):
     data = type("Data", (), {"fingerprint": "synthetic", "task": utils.Task("mnist")})()
     search = model_FUSE.standard_search(task, data, rounds, folder, cfg)
     return model_FUSE.fuse_search(search, train, val, model_FUSE.saved_rounds(folder), cfg, torch.device("cpu"),
-                                  executor.store, logging.getLogger("test"))
+                                  executor.save, logging.getLogger("test"))
 
 
 def round_files(folder):
